@@ -7,13 +7,13 @@ __all__ = ['MIN_TOKENS', 'vit_configs', 'vit_archs', 'patchify', 'PatchEmbed', '
            'Attention', 'drop_path', 'DropPath', 'Mlp', 'Block', 'check_tokens', 'ViT', 'vit_nano', 'vit_tiny',
            'vit_small', 'vit_base', 'num_params']
 
-# %% ../nbs/02_vit.ipynb #9c79499b
+# %% ../nbs/02_vit.ipynb #108d1aa6
 import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/02_vit.ipynb #90899e79
+# %% ../nbs/02_vit.ipynb #1b48e4f2
 def patchify(x, p):
     "Cut `x` (B,C,H,W) into p x p patches: (B, N, C*p*p), patches row-major, each flattened channel-first."
     B, C, H, W = x.shape
@@ -21,7 +21,7 @@ def patchify(x, p):
     x = x.reshape(B, C, H // p, p, W // p, p)        # (B, C, gh, p, gw, p)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
 
-# %% ../nbs/02_vit.ipynb #d7dc04f6
+# %% ../nbs/02_vit.ipynb #3b100637
 class PatchEmbed(nn.Module):
     "Image (B,C,H,W) -> patch tokens (B, N, D) with a p x p conv of stride p (a Linear on each patch)."
     def __init__(self, patch_size=4, in_chans=3, embed_dim=192):
@@ -36,7 +36,7 @@ class PatchEmbed(nn.Module):
                              f"crop or resize inputs to a multiple of {p} px")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, gh*gw, D)
 
-# %% ../nbs/02_vit.ipynb #7d63c8da
+# %% ../nbs/02_vit.ipynb #d50a8dac
 def interpolate_pos_embed(pos_embed, grid, new_grid):
     "Resize `pos_embed` (1, 1+gh*gw, D) from patch grid `grid` to `new_grid` (bicubic); the CLS position is kept apart."
     if tuple(new_grid) == tuple(grid): return pos_embed
@@ -47,13 +47,13 @@ def interpolate_pos_embed(pos_embed, grid, new_grid):
     patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, D)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
-# %% ../nbs/02_vit.ipynb #f800575b
+# %% ../nbs/02_vit.ipynb #57f56de2
 def naive_attention(q, k, v):
     "softmax(q k^T / sqrt(d)) v for (B, heads, N, d) inputs; returns (output, attention weights (B, heads, N, N))."
     attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
     return attn @ v, attn
 
-# %% ../nbs/02_vit.ipynb #b06211be
+# %% ../nbs/02_vit.ipynb #563d2462
 class Attention(nn.Module):
     "Multi-head self-attention on `F.scaled_dot_product_attention`; `return_attn=True` uses the naive path and also returns the weights."
     def __init__(self, dim, num_heads=8, qkv_bias=True):
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, N, D))
         return (out, attn) if return_attn else out
 
-# %% ../nbs/02_vit.ipynb #efaf01ca
+# %% ../nbs/02_vit.ipynb #8e2e2f30
 def drop_path(x, p=0., training=False):
     "Stochastic depth: zero the residual branch `x` for a random fraction `p` of samples, rescale the rest by 1/(1-p)."
     if p == 0. or not training: return x
@@ -105,7 +105,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attn else x
 
-# %% ../nbs/02_vit.ipynb #929e43bd
+# %% ../nbs/02_vit.ipynb #af8d517a
 MIN_TOKENS = 36  # below this a ViT on small images is crippled: see `check_tokens`
 
 def check_tokens(img_size, patch_size):
@@ -124,7 +124,7 @@ def check_tokens(img_size, patch_size):
                       stacklevel=3)
     return n
 
-# %% ../nbs/02_vit.ipynb #b5bc3dda
+# %% ../nbs/02_vit.ipynb #695a2977
 class ViT(nn.Module):
     "Vision Transformer backbone: patch embedding, CLS (+ optional mask) token, pre-norm blocks, final norm; no head."
     def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
@@ -183,7 +183,7 @@ def _init_weights(m):
         if m.bias is not None: nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
-# %% ../nbs/02_vit.ipynb #bdf3613c
+# %% ../nbs/02_vit.ipynb #734486a7
 vit_configs = {
     'nano':  dict(embed_dim=128, depth=4, num_heads=4),
     'tiny':  dict(embed_dim=192, depth=12, num_heads=3),
@@ -212,7 +212,7 @@ def vit_base(img_size=32, patch_size=4, in_chans=3, **kw):
 
 vit_archs = {'vit_nano': vit_nano, 'vit_tiny': vit_tiny, 'vit_small': vit_small, 'vit_base': vit_base}
 
-# %% ../nbs/02_vit.ipynb #f985fbfa
+# %% ../nbs/02_vit.ipynb #afd86832
 def num_params(model):
     "Number of parameters of `model`."
     return sum(p.numel() for p in model.parameters())

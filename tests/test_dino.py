@@ -207,10 +207,11 @@ def test_training_step_shapes_logs_and_no_teacher_grads():
 
 def test_after_backward_freezes_last_layer_in_first_epoch():
     m = tiny_dino(tiny_cfg(freeze_last_layer_epochs=1))
-    for step, frozen in ((9, True), (10, False)):
+    # a long run freezes one epoch (10 steps); a short one at most 5% of its steps (here 5 of 100)
+    for step, total, frozen in ((9, 1000, True), (10, 1000, False), (4, 100, True), (5, 100, False)):
         m.student.zero_grad(set_to_none=True)
-        m.training_step(batch(), torch.Generator().manual_seed(0), step, 100)[0].backward()
-        m.after_backward(step, 100, steps_per_epoch=10)
+        m.training_step(batch(), torch.Generator().manual_seed(0), step, total)[0].backward()
+        m.after_backward(step, total, steps_per_epoch=10)
         grads = {n: p.grad for n, p in m.student.named_parameters() if p.requires_grad}
         assert all((g is None) == frozen for n, g in grads.items() if 'last_layer' in n)
         assert all(g is not None for n, g in grads.items() if 'last_layer' not in n)

@@ -1,0 +1,132 @@
+import json, warnings
+import pytest, torch
+from PIL import Image
+from sslkd.experiment import (main, parser, build_backbone, build_method, describe, split_train_val, load_method,
+                              METHODS, ARCHS, dataset_defaults, DATASET_DEFAULTS)
+from sslkd.data import ImageData
+from sslkd.train import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    "A tiny image-folder dataset: 3 classes of coloured squares at random places, train/ and test/."
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 12), ('test', 4)):
+        for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+            d = tmp_path / 'imgs' / split / f'class{c}'; d.mkdir(parents=True)
+            for i in range(n):
+                im = Image.new('RGB', (20, 20), (0, 0, 0))
+                x, y = torch.randint(0, 10, (2,), generator=g).tolist()
+                im.paste(colour, (x, y, x + 10, y + 10)); im.save(d / f'{i}.png')
+    return tmp_path / 'imgs'
+
+
+def run(argv, capsys=None):
+    main(argv)
+    return capsys.readouterr() if capsys else None
+
+
+TINY = ['--arch', 'vit_nano', '--patch', '4', '--batch-size', '12', '--no-progress', '--no-linear']
+
+
+def test_help_explains_every_option(capsys):
+    for cmd in ('train', 'eval'):
+        with pytest.raises(SystemExit): main([cmd, '--help'])
+        out = capsys.readouterr().out
+        sub = parser()._subparsers._group_actions[0].choices[cmd]
+        for act in sub._actions:
+            for opt in act.option_strings: assert opt in out
+            assert act.help, f'{cmd} {act.option_strings} has no help'
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['train', '--method', 'simclrr'], "unknown method 'simclrr'; choose one of random, dino, ibot"),
+    (['train', '--arch', 'vit_giant'], "unknown architecture 'vit_giant'; choose one of vit_nano"),
+    (['train', '--data', 'imagenet'], "unknown dataset 'imagenet'"),
+])
+def test_unknown_names_list_valid_ones(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e: main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_defaults_learnable():
+    d = dataset_defaults('fashion_mnist')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the default backbone must not trigger the few-tokens warning...
+        if d.patch and (28 // d.patch) ** 2 >= 36: build_backbone(d.arch, 28, 1, d.patch)
+    for name in ('cifar10', 'cifar100'):
+        c = dataset_defaults(name)
+        assert c.arch.startswith('vit') and c.patch == 4
+        with warnings.catch_warnings():
+            warnings.simplefilter('error'); build_backbone(c.arch, 32, 3, c.patch)
+
+
+def test_few_tokens_warning_on_request():
+    with pytest.warns(UserWarning, match='patch tokens'): build_backbone('vit_nano', 32, 3, 8)
+
+
+def test_split_train_val_disjoint_and_seeded():
+    x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    d = ImageData(x, torch.arange(100) % 3, list('abc'), (0.5,), (0.2,))
+    tr, va = split_train_val(d, 0.2, seed=1)
+    assert len(tr) == 80 and len(va) == 20
+    assert set(tr.x.flatten().tolist()).isdisjoint(va.x.flatten().tolist())
+    assert torch.equal(split_train_val(d, 0.2, seed=1)[1].x, va.x)
+    assert not torch.equal(split_train_val(d, 0.2, seed=2)[1].x, va.x)
+
+
+@pytest.mark.parametrize('method', ['random', 'dino', 'ibot'])
+def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
+    out = tmp_path / method
+    run(['train', '--method', method, '--data', f'folder:{folder}', '--epochs', '2', '--out', str(out), *TINY], capsys)
+    res = json.loads((out / 'results.json').read_text())
+    row = res['rows'][0]
+    assert res['dataset'] == f'folder:{folder}'
+    assert {'method', 'arch', 'seed', 'epochs', 'train_seconds', 'knn_top1', 'knn_top5'} <= set(row)
+    assert row['method'] == method and 0 <= row['knn_top1'] <= 100
+    assert row['epochs'] == (0 if method == 'random' else 2)
+    lines = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    if method != 'random':
+        assert any('teacher_entropy' in l for l in lines)  # collapse signals are logged
+        assert sum('knn_top1' in l for l in lines) == 2     # kNN every epoch
+    # `sslkd eval` on the checkpoint reproduces the kNN numbers of `sslkd train`
+    run(['eval', str(out / 'checkpoint.pt'), '--no-linear', '--out', str(tmp_path / 'ev')], capsys)
+    ev = json.loads((tmp_path / 'ev' / 'results.json').read_text())['rows'][0]
+    assert ev['knn_top1'] == row['knn_top1'] and ev['knn_top5'] == row['knn_top5']
+
+
+def test_resume_continues_and_refuses_other_config(folder, tmp_path, capsys):
+    out = tmp_path / 'r'
+    run(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(out), *TINY], capsys)
+    assert load_checkpoint(out / 'checkpoint.pt')['step'] == 3
+    run(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '2', '--resume', '--out', str(out), *TINY], capsys)
+    assert load_checkpoint(out / 'checkpoint.pt')['step'] == 6
+    with pytest.raises(SystemExit):
+        main(['train', '--method', 'ibot', '--data', f'folder:{folder}', '--epochs', '2', '--resume', '--out', str(out), *TINY])
+    err = capsys.readouterr().err
+    assert 'another configuration' in err and "meta.method: checkpoint 'dino' vs now 'ibot'" in err
+
+
+def test_eval_errors(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit): main(['eval', str(tmp_path / 'missing.pt')])
+    assert 'does not exist' in capsys.readouterr().err
+    (tmp_path / 'junk.pt').write_bytes(b'junk')
+    with pytest.raises(SystemExit): main(['eval', str(tmp_path / 'junk.pt')])
+    assert 'corrupt' in capsys.readouterr().err
+
+
+def test_build_method_from_description_roundtrip():
+    x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    d = ImageData(x, torch.zeros(4, dtype=torch.long), ['a'], (0.3,), (0.3,))
+    for name in METHODS:
+        desc = json.loads(json.dumps(describe(name, 'vit_nano', 4, d, dataset='fashion_mnist')))
+        m1, m2 = build_method(desc), build_method(desc)
+        assert type(m1) is METHODS[name].cls
+        m2.load_state_dict(m1.state_dict())  # same description, same structure

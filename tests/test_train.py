@@ -1,0 +1,165 @@
+import json, math, warnings
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
+from sslkd.data import ImageData
+from sslkd.augment import normalize
+from sslkd.teacher import make_teacher, ema_update
+from sslkd.train import (TrainConfig, fit, load_checkpoint, save_checkpoint, CheckpointError, TrainingDiverged,
+                         param_groups, lr_wd_at, CHECKPOINT_FORMAT)
+
+
+class ToyMethod(nn.Module):
+    """A minimal method with every source of state the loop must carry: augmentation drawn from `g`, dropout
+    (torch's global RNG), an EMA teacher, a buffer, and a step-dependent schedule."""
+    def __init__(self, nan_at=None, interrupt_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 8))
+        self.teacher = make_teacher(self.student)
+        self.register_buffer('center', torch.zeros(8))
+        self.nan_at, self.interrupt_at = nan_at, interrupt_at
+
+    def view(self, x, g):
+        x = normalize(x, (0.5,), (0.25,))
+        return x + 0.1 * torch.randn(x.shape, generator=g, device=x.device)
+
+    def training_step(self, x, g, step, total_steps, log=False):
+        s = self.student(self.view(x, g))
+        with torch.no_grad(): t = self.teacher(self.view(x, g))
+        loss = F.mse_loss(s, t - self.center) + 1e-3 * s.pow(2).mean()
+        with torch.no_grad(): self.center.mul_(0.9).add_(0.1 * t.mean(0))
+        if self.nan_at is not None and step == self.nan_at: loss = loss * float('nan')
+        return loss, ({'toy_signal': float(t.std())} if log else {})
+
+    def after_backward(self, step, total_steps, steps_per_epoch): pass
+
+    def after_step(self, step, total_steps):
+        if self.interrupt_at is not None and step == self.interrupt_at: raise KeyboardInterrupt
+        ema_update(self.teacher, self.student, 0.9 + 0.1 * step / max(total_steps, 1))
+
+    def eval_backbone(self): return self.teacher
+
+
+def toy_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = (y.view(-1, 1, 1, 1) * 80 + torch.randint(0, 40, (n, 1, 4, 4), generator=g)).to(torch.uint8)
+    return ImageData(x, y, ['a', 'b', 'c'], (0.5,), (0.25,))
+
+
+CFG = dict(epochs=2, batch_size=16, lr=1e-2, progress=False, eval_every=1, log_every=2)
+
+
+def weights(m): return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    data = toy_data()
+    straight = ToyMethod()
+    fit(straight, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'a')
+    # the same run interrupted (Ctrl-C) in the first step of epoch 2, then resumed from the epoch-1 checkpoint
+    broken = ToyMethod(interrupt_at=6)
+    with pytest.raises(KeyboardInterrupt): fit(broken, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'b')
+    assert load_checkpoint(tmp_path / 'b' / 'checkpoint.pt')['step'] == 6  # the last good one: end of epoch 1
+    resumed = ToyMethod()
+    res = fit(resumed, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'b', resume=True)
+    assert res['steps'] == 12
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # and interrupting mid-run really changes something if not resumed (the test can fail)
+    fresh = ToyMethod(); fit(fresh, data, TrainConfig(**{**CFG, 'epochs': 1}))
+    assert any(not torch.equal(a[k], weights(fresh)[k]) for k in a)
+
+
+def test_checkpoint_contents_and_weights_only(tmp_path):
+    fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path)
+    ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert ck['format'] == CHECKPOINT_FORMAT and ck['step'] == 12 and ck['total_steps'] == 12
+    assert {'method', 'optimizer', 'rng', 'signature', 'history'} <= set(ck)
+    assert any(k.startswith('teacher.') for k in ck['method']) and 'center' in ck['method']
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == '.tmp'] == []
+
+
+def test_metrics_jsonl_and_history(tmp_path):
+    res = fit(ToyMethod(), toy_data(), TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path)
+    lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    steps = [l for l in lines if 'step' in l and 'epoch' in l and 'toy_signal' in l]
+    epochs = [l for l in lines if 'knn_top1' in l]
+    assert [l['step'] for l in steps] == [0, 2, 4, 6, 8, 10]
+    assert len(epochs) == 2 and all(0 <= l['knn_top1'] <= 100 for l in epochs)
+    assert {'lr', 'wd', 'grad_norm', 'loss'} <= set(steps[0])
+    assert res['history'][-1]['knn_top1'] == epochs[-1]['knn_top1']
+
+
+class Regress(ToyMethod):
+    "Learn a fixed random projection of the (augmented) input: a loss that must go down."
+    def training_step(self, x, g, step, total_steps, log=False):
+        v = self.view(x, g)
+        target = v.flatten(1) @ torch.ones(16, 8) / 16
+        return F.mse_loss(self.student(v), target), {}
+
+
+def test_loss_goes_down():
+    m, data = Regress(), toy_data()
+    m.eval()
+    with torch.no_grad(): before = m.training_step(data.x, torch.Generator().manual_seed(1), 0, 1)[0].item()
+    fit(m, data, TrainConfig(**{**CFG, 'epochs': 10, 'lr': 0.5, 'weight_decay': 0, 'weight_decay_end': 0}))
+    m.eval()
+    with torch.no_grad(): after = m.training_step(data.x, torch.Generator().manual_seed(1), 0, 1)[0].item()
+    assert after < 0.1 * before, (before, after)
+
+
+def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r'step 8 \(epoch 1\).*last good checkpoint'):
+        fit(ToyMethod(nan_at=8), toy_data(), TrainConfig(**CFG), out=tmp_path)
+    assert load_checkpoint(tmp_path / 'checkpoint.pt')['step'] == 6
+
+
+def test_resume_refuses_other_configuration(tmp_path):
+    fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, meta={'method': 'toy', 'arch': 'mlp'})
+    with pytest.raises(CheckpointError, match=r'lr: checkpoint 0.01 vs now 0.02'):
+        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'lr': 2e-2}), out=tmp_path, resume=True, meta={'method': 'toy', 'arch': 'mlp'})
+    with pytest.raises(CheckpointError, match=r'meta.arch'):
+        fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, resume=True, meta={'method': 'toy', 'arch': 'vit'})
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match='does not exist'): load_checkpoint(tmp_path / 'nope.pt')
+    (tmp_path / 'trunc.pt').write_bytes(b'PK\x03\x04 truncated')
+    with pytest.raises(CheckpointError, match='corrupt'): load_checkpoint(tmp_path / 'trunc.pt')
+    torch.save({'something': 1}, tmp_path / 'other.pt')
+    with pytest.raises(CheckpointError, match='not an sslkd checkpoint'): load_checkpoint(tmp_path / 'other.pt')
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    save_checkpoint({'format': CHECKPOINT_FORMAT, 'v': 1}, tmp_path / 'c.pt')
+    def boom(*a, **k): raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', boom)
+    with pytest.raises(OSError): save_checkpoint({'format': CHECKPOINT_FORMAT, 'v': 2}, tmp_path / 'c.pt')
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / 'c.pt')['v'] == 1 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_time_budget_stretches_schedules():
+    cfg = TrainConfig(**{**CFG, 'minutes': 0.02, 'epochs': 1000, 'eval_every': 0})
+    res = fit(ToyMethod(), toy_data(), cfg)
+    assert 1 <= res['total_steps'] < 1000 * 6  # decided by the budget, not by `epochs`
+    assert res['train_seconds'] < 0.02 * 60 * 3
+    # schedules end where they should when the run reaches total_steps
+    assert lr_wd_at(cfg, res['total_steps'], res['total_steps'])[0] == pytest.approx(cfg.min_lr)
+
+
+def test_untrainable_method_writes_checkpoint(tmp_path):
+    m = ToyMethod(); m.student.requires_grad_(False)
+    res = fit(m, toy_data(), TrainConfig(**CFG), out=tmp_path)
+    assert res['steps'] == 0 and load_checkpoint(tmp_path / 'checkpoint.pt')['step'] == 0
+
+
+def test_param_groups_skip_norms_biases_tokens():
+    from sslkd.vit import vit_nano
+    m = vit_nano(img_size=16, patch_size=4, in_chans=1, depth=1)
+    decay, no_decay = param_groups(m)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay['params']}
+    assert {'pos_embed', 'cls_token', 'norm.weight', 'blocks.0.attn.qkv.bias'} <= nd
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay['params'])
