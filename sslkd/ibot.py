@@ -6,17 +6,17 @@
 __all__ = ['PATCH_MEAN_OVER', 'ibot_patch_loss_naive', 'masked_patch_cross_entropy', 'iBOTPatchLoss', 'iBOTLoss', 'iBOTConfig',
            'iBOT']
 
-# %% ../nbs/09_ibot.ipynb #32835143
+# %% ../nbs/09_ibot.ipynb #40116822
 import math
 from dataclasses import dataclass
 import torch, torch.nn as nn, torch.nn.functional as F
-from .heads import DINOHead, cancel_last_layer_grads
+from .heads import DINOHead
 from .masking import MaskGenerator
-from .teacher import make_teacher, cosine_schedule
-from .dino import (DINOConfig, frozen_steps, DINOLoss, _fp32, center_sharpen, ema_center_, teacher_temp_schedule,
-                        multicrop_views, multicrop_forward, teacher_mode_, ema_update_params, step_signals)
+from .teacher import make_teacher
+from .dino import (DINO, DINOConfig, DINOLoss, _fp32, center_sharpen, ema_center_, teacher_temp_schedule,
+                        multicrop_views, multicrop_forward, teacher_mode_, step_signals)
 
-# %% ../nbs/09_ibot.ipynb #0b7e8576
+# %% ../nbs/09_ibot.ipynb #03f0ad47
 def ibot_patch_loss_naive(student_patch, teacher_patch, mask, center, teacher_temp, student_temp=0.1, mean_over='masked_images'):
     "iBOT's masked-patch loss one image and one token at a time; (G,B,N,K) logits, (G,B,N) bool mask: the reference."
     per_image = []
@@ -34,7 +34,7 @@ def ibot_patch_loss_naive(student_patch, teacher_patch, mask, center, teacher_te
             per_image.append(total / n)
     return sum(per_image) / len(per_image) if per_image else student_patch.sum() * 0.
 
-# %% ../nbs/09_ibot.ipynb #e1996f5e
+# %% ../nbs/09_ibot.ipynb #8f1e65a8
 PATCH_MEAN_OVER = {  # the number of images the per-image patch losses are averaged over, from masked counts (G*B,)
     'masked_images': lambda n: (n > 0).sum(),
     'all_images': lambda n: n.new_tensor(n.numel()),
@@ -49,7 +49,7 @@ def masked_patch_cross_entropy(student_logprobs, teacher_probs, mask, mean_over=
     w = n.clamp(min=1).to(ce.dtype).reciprocal()[:, None].expand_as(m)[m]   # 1 / n_masked of each token's image
     return (ce * w).sum() / PATCH_MEAN_OVER[mean_over](n).clamp(min=1)
 
-# %% ../nbs/09_ibot.ipynb #f2b2de3a
+# %% ../nbs/09_ibot.ipynb #93067d21
 class iBOTPatchLoss(nn.Module):
     "iBOT's masked-patch self-distillation loss with its own EMA centre buffer (1, K_patch)."
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9, mean_over='masked_images'):
@@ -73,7 +73,7 @@ class iBOTPatchLoss(nn.Module):
         if update_center: ema_center_(self.center, teacher_patch, self.center_momentum)
         return loss
 
-# %% ../nbs/09_ibot.ipynb #39676b4b
+# %% ../nbs/09_ibot.ipynb #0dfd4a80
 class iBOTLoss(nn.Module):
     "lambda1 * DINO's multi-crop CLS loss + lambda2 * the masked-patch loss; separate centres, temperatures and momenta."
     def __init__(self, out_dim, patch_out_dim, student_temp=0.1, patch_student_temp=0.1, center_momentum=0.9,
@@ -94,7 +94,7 @@ class iBOTLoss(nn.Module):
         self.parts = dict(loss_cls=l_cls.detach(), loss_patch=l_patch.detach())
         return self.lambda1 * l_cls + self.lambda2 * l_patch
 
-# %% ../nbs/09_ibot.ipynb #8f134c64
+# %% ../nbs/09_ibot.ipynb #3fe5bc85
 @dataclass
 class iBOTConfig(DINOConfig):
     "DINO's settings plus iBOT's patch loss: patch head, masking, patch temperatures and loss weights."
@@ -112,13 +112,13 @@ class iBOTConfig(DINOConfig):
     patch_mean_over: str = 'masked_images'  # or 'all_images' (iBOT's code, DINOv2)
     augment: str = 'ibot'
 
-# %% ../nbs/09_ibot.ipynb #89ac01c7
+# %% ../nbs/09_ibot.ipynb #4cf249db
 def _patch_head(net): return net.patch_head if 'patch_head' in net else net.head
 
-class iBOT(nn.Module):
+class iBOT(DINO):
     "iBOT: DINO's CLS self-distillation plus masked-patch self-distillation against the teacher on the unmasked views."
     def __init__(self, backbone, img_size, channels, mean, std, cfg=None):
-        super().__init__()
+        nn.Module.__init__(self)  # its own heads, loss and masks; DINO's schedules, teacher update and evaluation
         self.cfg = cfg = cfg or iBOTConfig()
         if getattr(backbone, 'mask_token', None) is None or not hasattr(backbone, 'forward_features'):
             raise ValueError("iBOT needs a ViT with a mask token: build the backbone with use_mask_token=True, "
@@ -143,10 +143,6 @@ class iBOT(nn.Module):
         return (teacher_temp_schedule(step, total_steps, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_frac),
                 teacher_temp_schedule(step, total_steps, c.warmup_teacher_patch_temp, c.teacher_patch_temp, c.warmup_teacher_frac))
 
-    def momentum(self, step, total_steps):
-        "Teacher EMA momentum at `step`: cosine from `momentum_start` to `momentum_end`."
-        return cosine_schedule(step, max(total_steps, 1), self.cfg.momentum_start, self.cfg.momentum_end)
-
     def training_step(self, x, g, step, total_steps, log=False):
         "Loss of the multi-crop views of the uint8 batch `x`, globals masked for the student (generator `g`), and logs."
         views = self.augment(x, g)
@@ -169,15 +165,3 @@ class iBOT(nn.Module):
             logs.update(loss=loss.item(), **{k: v.item() for k, v in self.loss.parts.items()}, mask_ratio=mask.float().mean().item())
             logs.update(step_signals(self.loss.teacher_probs, s_cls, self.cfg.student_temp, t_tok[:, 0]))
         return loss, logs
-
-    def after_backward(self, step, total_steps, steps_per_epoch):
-        "Cancel the last layers' gradients during the first `freeze_last_layer_epochs` epochs (at most `freeze_last_layer_frac` of the run)."
-        cancel_last_layer_grads(self.student, step, frozen_steps(self.cfg, total_steps, steps_per_epoch))
-
-    def after_step(self, step, total_steps):
-        "EMA update of the teacher's parameters."
-        ema_update_params(self.teacher, self.student, self.momentum(step, total_steps))
-
-    def eval_backbone(self):
-        "The teacher's backbone, the one DINO and iBOT evaluate."
-        return self.teacher.backbone

@@ -163,3 +163,22 @@ def test_param_groups_skip_norms_biases_tokens():
     nd = {names[id(p)] for p in no_decay['params']}
     assert {'pos_embed', 'cls_token', 'norm.weight', 'blocks.0.attn.qkv.bias'} <= nd
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay['params'])
+
+
+class Collapsing(ToyMethod):
+    "Reports the signals of a uniformly collapsed teacher: the loop must warn and log it."
+    def training_step(self, x, g, step, total_steps, log=False):
+        loss, logs = super().training_step(x, g, step, total_steps, log)
+        if log: logs.update(teacher_entropy=6.9, teacher_mean_entropy=6.93, ln_K=6.93, kl_teacher_student=0.001,
+                            agreement=0.1, feature_std=0.05, effective_rank=10.0)
+        return loss, logs
+
+
+def test_collapse_is_warned_and_logged(tmp_path, capsys):
+    fit(Collapsing(), toy_data(), TrainConfig(**CFG), out=tmp_path)
+    out = capsys.readouterr().out
+    assert out.count('uniform collapse') == 1  # said once, not at every logged step
+    lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert sum('uniform collapse' in l.get('collapse_warning', '') for l in lines) == 6
+    fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path / 'ok')
+    assert 'collapse' not in capsys.readouterr().out
