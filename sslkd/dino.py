@@ -7,7 +7,7 @@ __all__ = ['center_sharpen', 'dino_loss_naive', 'as_views', 'multicrop_cross_ent
            'teacher_temp_schedule', 'DINOConfig', 'local_crop_size', 'multicrop_views', 'multicrop_forward',
            'teacher_mode_', 'ema_update_params', 'cross_view_pairs', 'step_signals', 'frozen_steps', 'DINO']
 
-# %% ../nbs/08_dino.ipynb #561abb87
+# %% ../nbs/08_dino.ipynb #41dd9d82
 import math
 from dataclasses import dataclass
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -17,7 +17,7 @@ from .heads import DINOHead, cancel_last_layer_grads
 from .teacher import make_teacher, ema_update, cosine_schedule
 from .metrics import collapse_signals
 
-# %% ../nbs/08_dino.ipynb #a9e582d9
+# %% ../nbs/08_dino.ipynb #8abb3213
 def _fp32(x):
     "At least float32 (float64 stays float64)."
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -27,7 +27,7 @@ def center_sharpen(teacher_logits, center, temp):
     t = _fp32(teacher_logits.detach())
     return F.softmax((t - center.to(t.dtype)) / temp, dim=-1)
 
-# %% ../nbs/08_dino.ipynb #3d533fa2
+# %% ../nbs/08_dino.ipynb #b337489c
 def dino_loss_naive(student_logits, teacher_logits, center, teacher_temp, student_temp=0.1):
     "DINO's multi-crop loss with a loop over (teacher view, student view) pairs: the reference for the vectorised one."
     total, n_terms = 0., 0
@@ -39,7 +39,7 @@ def dino_loss_naive(student_logits, teacher_logits, center, teacher_temp, studen
             n_terms += 1
     return total / n_terms
 
-# %% ../nbs/08_dino.ipynb #bfb305f2
+# %% ../nbs/08_dino.ipynb #f5b0f253
 def as_views(x):
     "Logits stacked per view (V, B, K), from a (V, B, K) tensor or a list of (B, K) tensors."
     if isinstance(x, (list, tuple)): x = torch.stack(list(x))
@@ -59,7 +59,7 @@ def multicrop_cross_entropy(student_logprobs, teacher_probs):
     if not pairs.any(): raise ValueError("one global view and no local views leave no pair to train on: add views")
     return ce[pairs].mean()
 
-# %% ../nbs/08_dino.ipynb #5fe675fa
+# %% ../nbs/08_dino.ipynb #56d81435
 def _distributed(): return dist.is_available() and dist.is_initialized()
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ def ema_center_(center, x, momentum):
     "Update `center` in place: momentum * center + (1 - momentum) * batch_center(x)."
     return center.mul_(momentum).add_(batch_center(x).to(center.dtype), alpha=1 - momentum)
 
-# %% ../nbs/08_dino.ipynb #7dce3780
+# %% ../nbs/08_dino.ipynb #e1db673e
 class DINOLoss(nn.Module):
     "DINO's multi-crop cross-entropy between a centred, sharpened teacher and the student; EMA centre buffer (1, K)."
     def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
@@ -98,14 +98,14 @@ class DINOLoss(nn.Module):
         if update_center: ema_center_(self.center, t, self.center_momentum)
         return loss
 
-# %% ../nbs/08_dino.ipynb #03190f90
+# %% ../nbs/08_dino.ipynb #64798f3a
 def teacher_temp_schedule(step, total_steps, warmup_temp=0.04, temp=0.07, warmup_frac=0.3):
     "Teacher temperature at `step`: linear from `warmup_temp` to `temp` over the first `warmup_frac` of `total_steps`, then `temp`."
     n = warmup_frac * total_steps
     if n <= 0 or step >= n: return temp
     return warmup_temp + (temp - warmup_temp) * step / n
 
-# %% ../nbs/08_dino.ipynb #05d879ea
+# %% ../nbs/08_dino.ipynb #1877f615
 @dataclass
 class DINOConfig:
     "DINO's settings; the defaults suit CPU-sized runs on 28 px Fashion-MNIST and 32 px CIFAR (see the chapter)."
@@ -114,12 +114,12 @@ class DINOConfig:
     bottleneck_dim: int = 128
     nlayers: int = 3
     norm_last_layer: bool = True
-    n_local: int = 4                    # local crops (the teacher sees the 2 global crops only)
+    n_local: int = 2                    # local crops (the teacher sees the 2 global crops only)
     local_size: int | None = None       # None: half the image rounded up to a multiple of the patch size
     global_scale: tuple | None = None   # None: the augmentation preset's (0.4, 1)
     local_scale: tuple | None = None    # None: the preset's (0.1, 0.4)
     student_temp: float = 0.1
-    teacher_temp: float = 0.07          # after the warm-up
+    teacher_temp: float = 0.04          # after the warm-up (0.07 in DINO's paper: too soft for short runs)
     warmup_teacher_temp: float = 0.04
     warmup_teacher_frac: float = 0.3    # fraction of the steps over which the teacher temperature warms up
     momentum_start: float = 0.99        # teacher EMA momentum, cosine to momentum_end
@@ -129,7 +129,7 @@ class DINOConfig:
     freeze_last_layer_frac: float = 0.05  # ... but never more than this fraction of a (short) run
     augment: str = 'dino'               # a preset of sslkd.augment.AUGMENT_PRESETS
 
-# %% ../nbs/08_dino.ipynb #e00cfc3e
+# %% ../nbs/08_dino.ipynb #c1e0f1d2
 def local_crop_size(img_size, backbone=None, local_size=None):
     "Local crop size: `local_size`, or half of `img_size` rounded up to a multiple of the backbone's `patch_size` (if any)."
     p = getattr(backbone, 'patch_size', None) or 1
@@ -144,7 +144,7 @@ def multicrop_views(cfg, img_size, channels, mean, std, backbone=None):
     return multicrop_preset(cfg.augment, img_size, channels, mean, std, n_local=cfg.n_local, global_scale=cfg.global_scale,
                             local_scale=cfg.local_scale, local_size=local_crop_size(img_size, backbone, cfg.local_size))
 
-# %% ../nbs/08_dino.ipynb #0390ba6a
+# %% ../nbs/08_dino.ipynb #1aeb35ca
 def multicrop_forward(backbone, views):
     "Backbone features (sum of the view batches, D) of a list of views, consecutive views of the same size run as one batch."
     feats, i = [], 0
@@ -155,7 +155,7 @@ def multicrop_forward(backbone, views):
         i = j
     return torch.cat(feats)
 
-# %% ../nbs/08_dino.ipynb #ee496524
+# %% ../nbs/08_dino.ipynb #9395a5dc
 def _is_bn(m): return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 def teacher_mode_(model):
@@ -173,7 +173,7 @@ def ema_update_params(teacher, student, m):
     ema_update(teacher, student, m)
     for b, s in zip(bn, saved): b.copy_(s)
 
-# %% ../nbs/08_dino.ipynb #c853c1cb
+# %% ../nbs/08_dino.ipynb #d392fedc
 def cross_view_pairs(teacher_probs, student_logprobs):
     "(teacher probs (G*B, K), student log-probs (G*B, K)) pairing teacher view i with student view i+1 (mod G; view 1 if G = 1)."
     G = len(teacher_probs)
@@ -186,12 +186,12 @@ def step_signals(teacher_probs, student_logits, student_temp, teacher_feats):
     ls = F.log_softmax(_fp32(student_logits.detach()) / student_temp, dim=-1)
     return collapse_signals(*cross_view_pairs(teacher_probs, ls), _fp32(teacher_feats), student_is_log=True)
 
-# %% ../nbs/08_dino.ipynb #6568052c
+# %% ../nbs/08_dino.ipynb #6e429132
 def frozen_steps(cfg, total_steps, steps_per_epoch):
     "Steps during which the head's last layer stays frozen: `freeze_last_layer_epochs` epochs, capped at `freeze_last_layer_frac` of the run."
     return min(cfg.freeze_last_layer_epochs * steps_per_epoch, int(cfg.freeze_last_layer_frac * total_steps))
 
-# %% ../nbs/08_dino.ipynb #b4646d45
+# %% ../nbs/08_dino.ipynb #36795e75
 class DINO(nn.Module):
     "DINO: a student (backbone + DINOHead) predicts an EMA teacher's centred, sharpened outputs across multi-crop views."
     def __init__(self, backbone, img_size, channels, mean, std, cfg=None):

@@ -6,7 +6,7 @@
 __all__ = ['PATCH_MEAN_OVER', 'ibot_patch_loss_naive', 'masked_patch_cross_entropy', 'iBOTPatchLoss', 'iBOTLoss', 'iBOTConfig',
            'iBOT']
 
-# %% ../nbs/09_ibot.ipynb #40116822
+# %% ../nbs/09_ibot.ipynb #3bfb7f97
 import math
 from dataclasses import dataclass
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -16,7 +16,7 @@ from .teacher import make_teacher
 from .dino import (DINO, DINOConfig, DINOLoss, _fp32, center_sharpen, ema_center_, teacher_temp_schedule,
                         multicrop_views, multicrop_forward, teacher_mode_, step_signals)
 
-# %% ../nbs/09_ibot.ipynb #03f0ad47
+# %% ../nbs/09_ibot.ipynb #d05bf5d5
 def ibot_patch_loss_naive(student_patch, teacher_patch, mask, center, teacher_temp, student_temp=0.1, mean_over='masked_images'):
     "iBOT's masked-patch loss one image and one token at a time; (G,B,N,K) logits, (G,B,N) bool mask: the reference."
     per_image = []
@@ -34,7 +34,7 @@ def ibot_patch_loss_naive(student_patch, teacher_patch, mask, center, teacher_te
             per_image.append(total / n)
     return sum(per_image) / len(per_image) if per_image else student_patch.sum() * 0.
 
-# %% ../nbs/09_ibot.ipynb #8f1e65a8
+# %% ../nbs/09_ibot.ipynb #24efa0d5
 PATCH_MEAN_OVER = {  # the number of images the per-image patch losses are averaged over, from masked counts (G*B,)
     'masked_images': lambda n: (n > 0).sum(),
     'all_images': lambda n: n.new_tensor(n.numel()),
@@ -49,7 +49,7 @@ def masked_patch_cross_entropy(student_logprobs, teacher_probs, mask, mean_over=
     w = n.clamp(min=1).to(ce.dtype).reciprocal()[:, None].expand_as(m)[m]   # 1 / n_masked of each token's image
     return (ce * w).sum() / PATCH_MEAN_OVER[mean_over](n).clamp(min=1)
 
-# %% ../nbs/09_ibot.ipynb #93067d21
+# %% ../nbs/09_ibot.ipynb #2c250c7c
 class iBOTPatchLoss(nn.Module):
     "iBOT's masked-patch self-distillation loss with its own EMA centre buffer (1, K_patch)."
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9, mean_over='masked_images'):
@@ -73,7 +73,7 @@ class iBOTPatchLoss(nn.Module):
         if update_center: ema_center_(self.center, teacher_patch, self.center_momentum)
         return loss
 
-# %% ../nbs/09_ibot.ipynb #0dfd4a80
+# %% ../nbs/09_ibot.ipynb #058ad08a
 class iBOTLoss(nn.Module):
     "lambda1 * DINO's multi-crop CLS loss + lambda2 * the masked-patch loss; separate centres, temperatures and momenta."
     def __init__(self, out_dim, patch_out_dim, student_temp=0.1, patch_student_temp=0.1, center_momentum=0.9,
@@ -94,7 +94,7 @@ class iBOTLoss(nn.Module):
         self.parts = dict(loss_cls=l_cls.detach(), loss_patch=l_patch.detach())
         return self.lambda1 * l_cls + self.lambda2 * l_patch
 
-# %% ../nbs/09_ibot.ipynb #3fe5bc85
+# %% ../nbs/09_ibot.ipynb #388dbef5
 @dataclass
 class iBOTConfig(DINOConfig):
     "DINO's settings plus iBOT's patch loss: patch head, masking, patch temperatures and loss weights."
@@ -104,7 +104,7 @@ class iBOTConfig(DINOConfig):
     mask_prob: float = 0.5
     mask_ratio: tuple = (0.1, 0.5)
     patch_student_temp: float = 0.1
-    teacher_patch_temp: float = 0.07
+    teacher_patch_temp: float = 0.04    # like the CLS temperature: 0.07 let short runs drift to uniform
     warmup_teacher_patch_temp: float = 0.04
     patch_center_momentum: float = 0.9
     lambda1: float = 1.
@@ -112,7 +112,7 @@ class iBOTConfig(DINOConfig):
     patch_mean_over: str = 'masked_images'  # or 'all_images' (iBOT's code, DINOv2)
     augment: str = 'ibot'
 
-# %% ../nbs/09_ibot.ipynb #4cf249db
+# %% ../nbs/09_ibot.ipynb #c458c133
 def _patch_head(net): return net.patch_head if 'patch_head' in net else net.head
 
 class iBOT(DINO):

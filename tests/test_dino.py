@@ -178,7 +178,7 @@ def test_local_crop_size():
     with pytest.raises(ValueError, match='multiple of the backbone'): local_crop_size(28, vit, 14)
     with pytest.raises(ValueError, match='multiple of the backbone'): DINO(vit, 28, 1, (0.3,), (0.3,), DINOConfig(local_size=14))
     m = DINO(vit, 28, 1, (0.3,), (0.3,))
-    assert [v.size for v in m.augment.views] == [28, 28, 16, 16, 16, 16]
+    assert [v.size for v in m.augment.views] == [28, 28, 16, 16]  # 2 global + the default 2 local crops
 
 
 def test_multicrop_forward_equals_per_view():
