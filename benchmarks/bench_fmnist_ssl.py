@@ -3,7 +3,7 @@ random, dino and ibot, each with the same training-time budget, evaluated on the
 teacher backbone, kNN k=20 T=0.07 and a linear probe). Prints the table, the kNN-vs-epoch curves and the last
 collapse signals, and saves curves.png next to the runs.
 
-    python benchmarks/bench_fmnist_ssl.py [--minutes 10] [--methods random,dino,ibot] [--out runs/bench_fmnist] [--seed 0]
+    python benchmarks/bench_fmnist_ssl.py [--minutes 10] [--methods random,dino,ibot] [--out runs/bench_fmnist] [--seed 0] [--eval-every 0.25]
 
 Re-running skips methods whose results.json exists (delete the folder to start again).
 """
@@ -16,7 +16,7 @@ def run(method, a):
     out = Path(a.out) / method
     if not (out / 'results.json').exists():
         cmd = [sys.executable, '-c', 'from sslkd.experiment import main; main()', 'train', '--method', method, '--data', 'fashion_mnist',
-               '--minutes', str(a.minutes), '--seed', str(a.seed), '--out', str(out), '--no-progress', *a.extra]
+               '--minutes', str(a.minutes), '--seed', str(a.seed), '--eval-every', str(a.eval_every), '--out', str(out), '--no-progress', *a.extra]
         print('+ sslkd', ' '.join(cmd[3:]), flush=True)
         subprocess.run(cmd, check=True)
     row = json.loads((out / 'results.json').read_text())['rows'][0]
@@ -27,6 +27,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--minutes', type=float, default=10); p.add_argument('--methods', default='random,dino,ibot')
     p.add_argument('--out', default='runs/bench_fmnist'); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--eval-every', type=float, default=0.25, help='kNN on the test split every this many epochs (the curve)')
     p.add_argument('extra', nargs='*', help='more `sslkd train` options, after --')
     a = p.parse_args()
     res = {m: run(m, a) for m in a.methods.split(',')}
@@ -39,7 +40,7 @@ def main():
         print(f"{m:8s} {r['arch']:9s} {r['epochs']:6.2f} {r['train_seconds']:7.0f} {r['knn_top1']:6.2f} {r['knn_top5']:6.2f} "
               f"{r.get('linear_top1', float('nan')):6.2f} {r.get('linear_top5', float('nan')):6.2f} {d} {r['knn_top1'] - RAW_PIXELS_KNN:+9.2f}")
     for m, (r, lines) in res.items():
-        curve = [(l['epoch'], round(l['knn_top1'], 2)) for l in lines if 'knn_top1' in l]
+        curve = [(l['epochs_done'], round(l['knn_top1'], 2)) for l in lines if 'knn_top1' in l]
         sig = [l for l in lines if 'teacher_entropy' in l]
         ips = [l['images_per_s'] for l in lines if 'images_per_s' in l]
         if curve: print(f"{m}: kNN@1 by epoch (periodic eval) {curve}; images/s {ips}")

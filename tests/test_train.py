@@ -182,3 +182,30 @@ def test_collapse_is_warned_and_logged(tmp_path, capsys):
     assert sum('uniform collapse' in l.get('collapse_warning', '') for l in lines) == 6
     fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path / 'ok')
     assert 'collapse' not in capsys.readouterr().out
+
+
+def test_fractional_eval_every_gives_a_curve(tmp_path):
+    "eval_every=0.5 on 6 steps per epoch: kNN after steps 3, 6, 9 and 12 (the last is the final evaluation)."
+    res = fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0.5}), eval_data=toy_data(30, 1), out=tmp_path)
+    lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    evals = [l for l in lines if 'knn_top1' in l]
+    assert [l['step'] for l in evals] == [3, 6, 9, 12]
+    assert [l['epochs_done'] for l in evals] == [0.5, 1.0, 1.5, 2.0]
+    assert [r['step'] for r in res['history'] if 'knn_top1' in r] == [3, 6, 9, 12]
+    # evaluation only at the end
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0}), eval_data=toy_data(30, 1), out=tmp_path / 'end')
+    lines = [json.loads(l) for l in (tmp_path / 'end' / 'metrics.jsonl').read_text().splitlines()]
+    assert [l['step'] for l in lines if 'knn_top1' in l] == [12]
+
+
+class FeatureCollapse(ToyMethod):
+    "A method without prototypes (e.g. RKD) logs only feature signals: the loop must still warn on a collapsed rank."
+    def training_step(self, x, g, step, total_steps, log=False):
+        loss, logs = super().training_step(x, g, step, total_steps, log)
+        if log: logs.update(feature_std=0.0, effective_rank=1.0)
+        return loss, logs
+
+
+def test_feature_only_collapse_is_warned(tmp_path, capsys):
+    fit(FeatureCollapse(), toy_data(), TrainConfig(**CFG), out=tmp_path)
+    assert capsys.readouterr().out.count('dimensional collapse') == 1
