@@ -82,7 +82,7 @@ def test_split_train_val_disjoint_and_seeded():
     assert not torch.equal(split_train_val(d, 0.2, seed=2)[1].x, va.x)
 
 
-@pytest.mark.parametrize('method', ['random', 'dino', 'ibot'])
+@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher'])
 def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
     out = tmp_path / method
     run(['train', '--method', method, '--data', f'folder:{folder}', '--epochs', '2', '--out', str(out), *TINY], capsys)
@@ -94,7 +94,7 @@ def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
     assert row['epochs'] == (0 if method == 'random' else 2)
     lines = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
     if method != 'random':
-        assert any('teacher_entropy' in l for l in lines)  # collapse signals are logged
+        assert any('effective_rank' in l for l in lines)  # collapse signals are logged
         assert sum('knn_top1' in l for l in lines) == 2     # kNN every epoch
     # `sslkd eval` on the checkpoint reproduces the kNN numbers of `sslkd train`
     run(['eval', str(out / 'checkpoint.pt'), '--no-linear', '--out', str(tmp_path / 'ev')], capsys)
@@ -130,3 +130,34 @@ def test_build_method_from_description_roundtrip():
         m1, m2 = build_method(desc), build_method(desc)
         assert type(m1) is METHODS[name].cls
         m2.load_state_dict(m1.state_dict())  # same description, same structure
+        for k, v in METHODS[name].defaults.items(): assert getattr(m1.cfg, k) == v  # the variant's own settings
+    assert build_method(describe('ibot_rkd_a', 'vit_nano', 4, d)).cfg.relation == 'a'
+
+
+def test_set_overrides_a_variant_setting_but_not_its_identity():
+    x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    d = ImageData(x, torch.zeros(4, dtype=torch.long), ['a'], (0.3,), (0.3,))
+    cfg = METHODS['ibot_rkd_d'].make_config(embedding='backbone')
+    assert cfg.relation == 'd' and cfg.embedding == 'backbone'
+    assert build_method(describe('ibot_rkd_d', 'vit_nano', 4, d, cfg)).cfg.embedding == 'backbone'
+
+
+def test_multi_stage_training(folder, tmp_path, capsys):
+    out = tmp_path / 'ms'
+    argv = ['train', '--method', 'multi_teacher', '--data', f'folder:{folder}', '--epochs', '2', '--stages', '2', '--out', str(out), *TINY]
+    text = run(argv, capsys).out
+    assert 'stage 2/2: teacher frozen (1 frozen)' in text
+    first, last = load_checkpoint(out / 'stage1' / 'checkpoint.pt'), load_checkpoint(out / 'checkpoint.pt')
+    assert first['step'] == last['step'] == 3  # 2 epochs over 2 stages: 1 epoch (3 steps) each
+    assert not any(k.startswith('frozen.') for k in first['method']) and any(k.startswith('frozen.0.') for k in last['method'])
+    # the frozen teacher is stage 1's evaluated (slowest EMA) teacher
+    k = next(k for k in first['method'] if k.startswith('teachers.1.net.backbone.'))
+    assert torch.equal(first['method'][k], last['method'][k.replace('teachers.1.', 'frozen.0.')])
+    row = json.loads((out / 'results.json').read_text())['rows'][0]
+    assert row['stages'] == 2 and row['epochs'] == 2
+    method, _ = load_method(out / 'checkpoint.pt')  # rebuilt with its frozen teacher
+    assert method.n_frozen == 1
+    run(argv + ['--resume'], capsys)  # both stages done: resuming changes nothing
+    torch.testing.assert_close(load_checkpoint(out / 'checkpoint.pt')['method'], last['method'], rtol=0, atol=0)
+    with pytest.raises(SystemExit): main(['train', '--method', 'dino', '--data', f'folder:{folder}', '--stages', '2', *TINY])
+    assert 'multi_teacher' in capsys.readouterr().err
