@@ -161,3 +161,16 @@ def test_multi_stage_training(folder, tmp_path, capsys):
     torch.testing.assert_close(load_checkpoint(out / 'checkpoint.pt')['method'], last['method'], rtol=0, atol=0)
     with pytest.raises(SystemExit): main(['train', '--method', 'dino', '--data', f'folder:{folder}', '--stages', '2', *TINY])
     assert 'multi_teacher' in capsys.readouterr().err
+
+
+def test_val_split_run_is_scored_on_validation_not_test(folder, tmp_path, capsys):
+    "With --val-split the final numbers are the validation split's (the same as the last periodic kNN), never the test split's."
+    out = tmp_path / 'v'
+    text = run(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--val-split', '0.25', '--out', str(out), *TINY], capsys).out
+    row = json.loads((out / 'results.json').read_text())['rows'][0]
+    last = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if 'knn_top1' in l][-1]
+    assert row['split'] == 'val 0.25' and 'val 0.25 split' in text
+    assert row['knn_top1'] == pytest.approx(last['knn_top1'], abs=1e-6)
+    run(['eval', str(out / 'checkpoint.pt'), '--no-linear', '--out', str(tmp_path / 'ev')], capsys)
+    ev = json.loads((tmp_path / 'ev' / 'results.json').read_text())['rows'][0]
+    assert ev['split'] == 'test'
