@@ -1,6 +1,6 @@
 """Training throughput (images/s) of the dino and ibot steps with the Fashion-MNIST defaults.
 
-    python benchmarks/bench_train_step.py [--device cuda] [--methods dino,ibot] [--batch-size N]
+    python benchmarks/bench_train_step.py [--device cuda] [--methods dino,ibot] [--batch-size N] [--patch P] [--set KEY=VALUE ...]
 
 A step is what `sslkd train` does per batch: multi-crop augmentation, student and teacher forward, loss,
 backward, gradient clipping, AdamW, EMA teacher update. Median of the timed steps after warm-up.
@@ -9,18 +9,20 @@ import argparse, statistics, time
 import torch
 from sslkd.data import ImageData
 from sslkd.data import FASHION_MEAN, FASHION_STD
-from sslkd.experiment import describe, build_method, dataset_defaults
+from sslkd.experiment import describe, build_method, dataset_defaults, parse_overrides, METHODS
 from sslkd.train import TrainConfig, train_step, param_groups, resolve_device
 
-def bench(method_name, data_name, dev, batch_size, steps, warmup):
-    d = dataset_defaults(data_name)
+def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, overrides=()):
+    d = dataset_defaults(data_name, method_name)
     batch_size = batch_size or d.batch_size
     shape = (1, 28, 28) if data_name == 'fashion_mnist' else (3, 32, 32)
     mean, std = (FASHION_MEAN, FASHION_STD) if shape[0] == 1 else ((0.5,) * 3, (0.25,) * 3)
     x = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, device=dev)
     data = ImageData(x.cpu(), torch.zeros(batch_size, dtype=torch.long), ['x'], mean, std)
     torch.manual_seed(0)
-    method = build_method(describe(method_name, d.arch, d.patch, data, dataset=data_name)).to(dev)
+    spec, patch = METHODS[method_name], patch or (d.patch if d.arch.startswith('vit') else None)
+    cfg = spec.make_config(**parse_overrides(overrides, spec.config))
+    method = build_method(describe(method_name, d.arch, patch, data, cfg, dataset=data_name)).to(dev)
     cfg = TrainConfig(batch_size=batch_size, device=str(dev))
     opt = torch.optim.AdamW(param_groups(method.student), lr=cfg.lr)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -30,16 +32,18 @@ def bench(method_name, data_name, dev, batch_size, steps, warmup):
         train_step(method, opt, x, g, cfg, dev, i, 10**6, 10**6)
         if dev.type == 'cuda': torch.cuda.synchronize()
         if i >= warmup: times.append(time.perf_counter() - t0)
-    return d.arch, d.patch, batch_size, batch_size / statistics.median(times)
+    return d.arch, patch, batch_size, batch_size / statistics.median(times)
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu'); p.add_argument('--methods', default='dino,ibot')
     p.add_argument('--data', default='fashion_mnist'); p.add_argument('--batch-size', type=int, default=None, help='default: the dataset default')
     p.add_argument('--steps', type=int, default=5); p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--patch', type=int, default=None, help='ViT patch size (default: the dataset default)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='method setting, as in sslkd train')
     a = p.parse_args()
     dev = resolve_device(a.device)
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, {a.data} defaults")
     for m in a.methods.split(','):
-        arch, patch, bs, ips = bench(m, a.data, dev, a.batch_size, a.steps, a.warmup)
-        print(f"{m:16s} {arch} patch {patch} batch {bs}: {ips:8.1f} images/s")
+        arch, patch, bs, ips = bench(m, a.data, dev, a.batch_size, a.steps, a.warmup, a.patch, a.set)
+        print(f"{m:16s} {arch} patch {patch} batch {bs}: {ips:8.1f} images/s" + (f"  ({' '.join(a.set)})" if a.set else ''))
