@@ -10,14 +10,6 @@ from sslkd.resnet import small_cnn
 pytestmark = pytest.mark.filterwarnings('ignore:ViT with img_size')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run ~10x faster on one thread when the 2 cores are shared (thread-pool contention); restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def per_pair_reference(student, teacher, center, tt, ts):
     "Independent reference: python loops over pairs, images and prototypes, float64."
     V, B, K = student.shape

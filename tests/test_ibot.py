@@ -8,14 +8,6 @@ from sslkd.vit import vit_nano
 pytestmark = pytest.mark.filterwarnings('ignore:ViT with img_size')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run ~10x faster on one thread when the 2 cores are shared (thread-pool contention); restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_case(seed=0, G=2, B=4, N=9, K=6, p=0.3):
     g = torch.Generator().manual_seed(seed)
     sp = torch.randn(G, B, N, K, generator=g, dtype=torch.float64, requires_grad=True)

@@ -8,13 +8,6 @@ from sslkd.rkd import rkd_distance_loss, rkd_angle_loss, distance_potential
 from sslkd.vit import vit_nano
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, n_local=2)
 
 

@@ -6,14 +6,6 @@ from sslkd.multiteacher import (MultiTeacher, MultiTeacherConfig, TeacherSlot, A
                                 multi_teacher_loss, cls_tokens, check_level_block, reinit_, next_stage)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run much faster on one thread when the 2 cores are shared; restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, n_local=2)
 
 def tiny_vit(depth=2, **kw):

@@ -9,14 +9,6 @@ F64 = dict(dtype=torch.float64)
 SQ3 = math.sqrt(3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Small tensors run faster on one thread when the 2 cores are shared; restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rand(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), **F64)
 
 def value_and_grad(loss, s, t, **kw):
