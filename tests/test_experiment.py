@@ -2,16 +2,10 @@ import json, warnings
 import pytest, torch
 from PIL import Image
 from sslkd.experiment import (main, parser, build_backbone, build_method, describe, split_train_val, load_method,
-                              METHODS, ARCHS, dataset_defaults, DATASET_DEFAULTS)
+                              METHODS, ARCHS, dataset_defaults, DATASET_DEFAULTS, Row, PRESETS, run_flags, results_markdown)
+import sslkd.experiment as experiment
 from sslkd.data import ImageData
 from sslkd.train import load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -37,7 +31,7 @@ TINY = ['--arch', 'vit_nano', '--patch', '4', '--batch-size', '12', '--no-progre
 
 
 def test_help_explains_every_option(capsys):
-    for cmd in ('train', 'eval'):
+    for cmd in ('train', 'eval', 'compare', 'demo'):
         with pytest.raises(SystemExit): main([cmd, '--help'])
         out = capsys.readouterr().out
         sub = parser()._subparsers._group_actions[0].choices[cmd]
@@ -174,3 +168,47 @@ def test_val_split_run_is_scored_on_validation_not_test(folder, tmp_path, capsys
     run(['eval', str(out / 'checkpoint.pt'), '--no-linear', '--out', str(tmp_path / 'ev')], capsys)
     ev = json.loads((tmp_path / 'ev' / 'results.json').read_text())['rows'][0]
     assert ev['split'] == 'test'
+
+
+def test_run_flags():
+    assert run_flags({'arch': 'vit_small', 'patch': 8, 'set': ['n_local=0', 'out_dim=64'], 'no_linear': True, 'val_split': None,
+                      'no_progress': False}) == ['--arch', 'vit_small', '--patch', '8', '--set', 'n_local=0', '--set', 'out_dim=64', '--no-linear']
+
+
+def test_results_markdown_mean_std_and_missing():
+    base = dict(method='dino', arch='vit_nano', patch=4, k=20, T=0.07, split='test', knn_top5=90., linear_top1=50., linear_top5=80.)
+    rows = [dict(base, label='dino', seed=0, epochs=1., train_seconds=10., knn_top1=60.),
+            dict(base, label='dino', seed=1, epochs=1., train_seconds=12., knn_top1=64.),
+            {'label': 'kassl', 'method': 'kassl', 'missing': True}]
+    md = results_markdown(rows, 'fashion_mnist', '1 min per run')
+    assert '| dino | vit_nano /4 | 2 | 1.00 | 50.00 | 80.00 | 62.00 ± 2.83 | 90.00 | 11 |' in md  # std of (60, 64) = 2.83
+    assert '| kassl | - | - | - | not built yet |' in md and 'k=20, T=0.07' in md
+
+
+def test_compare_writes_table_plots_and_skips_finished_runs(folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'cmp'
+    argv = ['compare', '--methods', 'random,dino', '--data', f'folder:{folder}', '--seeds', '2', '--epochs', '1', '--out', str(out),
+            '--arch', 'vit_nano', '--batch-size', '12', '--no-progress', '--no-linear']
+    run(argv, capsys)
+    res = json.loads((out / 'results.json').read_text())['rows']
+    assert [(r['label'], r['seed']) for r in res] == [('random', 0), ('random', 1), ('dino', 0), ('dino', 1)]
+    assert {r['epochs'] for r in res if r['method'] == 'dino'} == {1.0}
+    md = (out / 'results.md').read_text()
+    assert md.count('| random |') == 1 and md.count('| dino |') == 1
+    for png in ('loss', 'knn', 'collapse', 'agreement', 'attention_dino'): assert (out / f'{png}.png').stat().st_size > 1000
+    calls = []
+    monkeypatch.setattr(experiment, 'train_command', lambda a: calls.append(a) or {})
+    run(argv, capsys)  # every run finished: nothing is trained again
+    assert calls == []
+    (out / 'dino-s1' / 'results.json').unlink()  # as if the run had stopped after its last checkpoint
+    monkeypatch.setattr(experiment, 'train_command', lambda a: calls.append(a) or {'method': 'dino'})
+    run(argv, capsys)
+    assert [(a.method, a.seed, a.resume) for a in calls] == [('dino', 1, True)]
+
+
+def test_compare_errors(capsys):
+    with pytest.raises(SystemExit) as e: main(['compare', '--methods', 'dino,dinov9'])
+    assert e.value.code == 2 and "unknown method(s) dinov9" in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(['compare', '--preset', 'seed999'])
+    assert "unknown preset 'seed999'; choose one of demo" in capsys.readouterr().err
+    assert {r.method for p in PRESETS.values() for r in p.rows} <= set(experiment.PLANNED_METHODS)
