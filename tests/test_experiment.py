@@ -53,8 +53,10 @@ def test_unknown_names_list_valid_ones(argv, msg, capsys):
 def test_defaults_learnable():
     d = dataset_defaults('fashion_mnist')
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # the default backbone must not trigger the few-tokens warning...
-        if d.patch and (28 // d.patch) ** 2 >= 36: build_backbone(d.arch, 28, 1, d.patch)
+        warnings.simplefilter('error')  # the default backbone must not trigger the few-tokens warning
+        build_backbone(d.arch, 28, 1, d.patch)
+    s = dataset_defaults('fashion_mnist', 'simclr')  # a method's own defaults sit on top of the dataset's
+    assert (s.arch, s.batch_size, s.config['global_scale']) == ('small_cnn', 256, [0.5, 1.0]) and d.arch == 'vit_nano'
     for name in ('cifar10', 'cifar100'):
         c = dataset_defaults(name)
         assert c.arch.startswith('vit') and c.patch == 4
@@ -76,7 +78,7 @@ def test_split_train_val_disjoint_and_seeded():
     assert not torch.equal(split_train_val(d, 0.2, seed=2)[1].x, va.x)
 
 
-@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher'])
+@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher', 'simclr', 'moco', 'byol'])
 def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
     out = tmp_path / method
     run(['train', '--method', method, '--data', f'folder:{folder}', '--epochs', '2', '--out', str(out), *TINY], capsys)
