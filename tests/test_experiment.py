@@ -214,3 +214,39 @@ def test_compare_errors(capsys):
     with pytest.raises(SystemExit): main(['compare', '--preset', 'seed999'])
     assert "unknown preset 'seed999'; choose one of demo" in capsys.readouterr().err
     assert {r.method for p in PRESETS.values() for r in p.rows} <= set(experiment.PLANNED_METHODS)
+
+
+def test_kassl_from_a_teacher_checkpoint(folder, tmp_path, capsys):
+    "Train a teacher, distil it into a small CNN through the CLI; the kassl checkpoint reloads without the teacher's file."
+    run(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 't'), *TINY], capsys)
+    (tmp_path / 't2').mkdir(); (tmp_path / 't' / 'checkpoint.pt').rename(tmp_path / 't2' / 'checkpoint.pt')
+    out = tmp_path / 'k'
+    run(['train', '--method', 'kassl', '--teacher', str(tmp_path / 't2' / 'checkpoint.pt'), '--student-arch', 'small_cnn',
+         '--data', f'folder:{folder}', '--epochs', '2', '--batch-size', '12', '--out', str(out), '--no-progress', '--no-linear'], capsys)
+    row = json.loads((out / 'results.json').read_text())['rows'][0]
+    assert (row['method'], row['arch'], row['epochs']) == ('kassl', 'small_cnn', 2)
+    (tmp_path / 't2' / 'checkpoint.pt').unlink()  # the teacher's weights travel inside the kassl checkpoint
+    method, ck = load_method(out / 'checkpoint.pt')
+    cfg = ck['meta']['method_config']
+    assert (cfg['teacher_arch'], cfg['teacher_patch'], cfg['teacher_dim']) == ('vit_nano', 4, 128)
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    run(['eval', str(out / 'checkpoint.pt'), '--no-linear', '--out', str(tmp_path / 'ev')], capsys)
+    assert json.loads((tmp_path / 'ev' / 'results.json').read_text())['rows'][0]['knn_top1'] == row['knn_top1']
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--method', 'kassl'], 'give --teacher CHECKPOINT'),
+    (['--method', 'kassl', '--teacher', 'nowhere/checkpoint.pt'], 'does not exist'),
+    (['--method', 'dino', '--teacher', 'x.pt'], '--teacher is for kassl'),
+    (['--method', 'kassl', '--arch', 'small_cnn', '--student-arch', 'resnet18'], 'disagree'),
+])
+def test_kassl_errors(argv, msg, folder, capsys):
+    with pytest.raises(SystemExit) as e: main(['train', '--data', f'folder:{folder}', *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_row_options_name_other_rows_checkpoints(tmp_path):
+    assert experiment._fill('{teacher (dino)}', tmp_path, 2) == str(tmp_path / 'teacher_dino_-s2' / 'checkpoint.pt')
+    assert experiment._fill(3, tmp_path, 0) == 3
+    labels = {r.label for r in PRESETS['seed002'].rows}
+    assert all(r.args['teacher'][1:-1] in labels for r in PRESETS['seed002'].rows if r.method == 'kassl')
