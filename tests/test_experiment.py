@@ -78,7 +78,7 @@ def test_split_train_val_disjoint_and_seeded():
     assert not torch.equal(split_train_val(d, 0.2, seed=2)[1].x, va.x)
 
 
-@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher', 'simclr', 'moco', 'byol'])
+@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher', 'simclr', 'moco', 'byol', 'mae'])
 def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
     out = tmp_path / method
     run(['train', '--method', method, '--data', f'folder:{folder}', '--epochs', '2', '--out', str(out), *TINY], capsys)
@@ -251,3 +251,11 @@ def test_row_options_name_other_rows_checkpoints(tmp_path):
     assert experiment._fill(3, tmp_path, 0) == 3
     labels = {r.label for r in PRESETS['seed002'].rows}
     assert all(r.args['teacher'][1:-1] in labels for r in PRESETS['seed002'].rows if r.method == 'kassl')
+
+
+def test_kassl_refuses_a_pooled_teacher(folder, tmp_path, capsys):
+    "MAE is scored on pooled patch tokens; a teacher rebuilt from its architecture would give CLS features instead."
+    run(['train', '--method', 'mae', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 'm'), *TINY], capsys)
+    with pytest.raises(SystemExit) as e:
+        main(['train', '--method', 'kassl', '--teacher', str(tmp_path / 'm' / 'checkpoint.pt'), '--data', f'folder:{folder}', *TINY])
+    assert e.value.code == 2 and 'pooled patch tokens (mae)' in capsys.readouterr().err
