@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/20_distributed.ipynb #c4cdfb5b
+# %% ../nbs/20_distributed.ipynb #cad99833
 #| eval: false
 from .experiment import main
 main()
