@@ -13,14 +13,6 @@ pytestmark = pytest.mark.filterwarnings('ignore:ViT with img_size')
 STATS = ((0.3,), (0.35,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run much faster on one thread when the 2 cores are shared; restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cnn():
     "A 16-channel conv net with BatchNorm: small enough for 20-step tests."
     net = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),

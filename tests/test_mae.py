@@ -10,14 +10,6 @@ pytestmark = pytest.mark.filterwarnings('ignore:ViT with img_size')
 MEAN, STD = (0.286,), (0.353,)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run much faster on one thread when the 2 cores are shared; restored after."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vit(img=16, p=4, c=1, **kw):
     return vit_nano(img, p, c, depth=2, embed_dim=32, num_heads=2, **kw)
 
