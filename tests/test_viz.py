@@ -145,6 +145,17 @@ def test_knn_curves_with_baseline(tmp_path):
     np.testing.assert_array_equal(fig5.axes[0].lines[0].get_ydata(), [90., 92., 95.])
 
 
+def test_knn_curves_mark_the_final_evaluation(tmp_path):
+    "The final kNN (whole training set as memory) is a star at the run's last epoch, not a point of the periodic curve."
+    dino = make_dino(tmp_path / 'dino')
+    (tmp_path / 'dino' / 'results.json').write_text(json.dumps({'rows': [{'method': 'dino', 'knn_top1': 63.0}]}))
+    ax = plot_knn_curves({'dino': dino}).axes[0]
+    star = [l for l in ax.lines if l.get_marker() == '*']
+    assert len(star) == 1 and list(star[0].get_xdata()) == [2.0] and list(star[0].get_ydata()) == [63.0]
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), [50., 55., 60.])  # the curve is unchanged
+    assert 'whole training set' in ax.get_title()
+
+
 def test_agreement(tmp_path):
     fig = plot_agreement({'dino': make_dino(tmp_path / 'd'), 'simclr': make_contrastive(tmp_path / 'c')})
     ax = fig.axes[0]

@@ -8,12 +8,16 @@ from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 
+def _from_root(md):
+    "Links and images relative to nbs/ (`02_vit.ipynb`, `images/x.png`) as seen from the repository root, where README.md is."
+    return re.sub(r'(\]\()(?![a-z]+:|#|/)([^)\s]+)', lambda m: m.group(1) + ('nbs/' + m.group(2) if (root/'nbs'/m.group(2).split('#')[0]).exists() else m.group(2)), md)
+
 def render(nb_path):
     nb, out = json.loads(Path(nb_path).read_text()), []
     for c in nb['cells']:
         src = ''.join(c['source'])
         if re.search(r'^#\|\s*hide\s*$', src, re.M): continue
-        if c['cell_type'] == 'markdown': out.append(src.strip()); continue
+        if c['cell_type'] == 'markdown': out.append(_from_root(src.strip())); continue
         code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
         if code: out.append(f'```python\n{code}\n```')
         text = ''.join(''.join(o.get('text', '')) for o in c.get('outputs', []) if o.get('output_type') == 'stream')
