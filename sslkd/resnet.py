@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['resnet_archs', 'conv_bn', 'BasicBlock', 'Bottleneck', 'ResNet', 'resnet18', 'resnet34', 'resnet50', 'SmallCNN',
-           'small_cnn']
+           'small_cnn', 'wide_cnn']
 
 # %% ../nbs/03_resnet.ipynb #8c806d0f
 import torch
@@ -103,4 +103,8 @@ def small_cnn(in_chans=1):
     "CPU-sized CNN (32-64-128-256 channels, ~388k parameters), 256-d features."
     return SmallCNN(in_chans)
 
-resnet_archs = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50, 'small_cnn': small_cnn}
+def wide_cnn(in_chans=1):
+    "`small_cnn` at twice the width (64-128-256-512 channels, ~1.55M parameters, 4x the compute), 512-d features: a larger teacher on a CPU."
+    return SmallCNN(in_chans, widths=(64, 128, 256, 512))
+
+resnet_archs = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50, 'small_cnn': small_cnn, 'wide_cnn': wide_cnn}

@@ -122,17 +122,22 @@ def _results_mean(run_dir, key):
     return float(np.mean(vals)) if vals else None
 
 def plot_knn_curves(runs, key='knn_top1', ax=None, save=None):
-    "kNN accuracy (`key`, %) against epochs done for each run; runs with only a results.json (baselines) as dotted lines."
+    "kNN accuracy (`key`, %) against epochs done: the periodic evaluation as lines, each run's final evaluation as a star."
     ax = _axes(ax)
     drawn = _draw(ax, runs, key, lambda r: eval_records(r, key), 'epochs_done', marker='o', ms=3)
     for i, (label, dirs) in enumerate(_runs(runs).items()):
-        if label in drawn: continue
         vals = [v for v in (_results_mean(d, key) for d in dirs) if v is not None]
-        if vals:
+        if not vals: continue
+        if label in drawn:  # the final evaluation uses the whole training set as memory: a different number, marked apart
+            ax.plot(drawn[label][0][-1], float(np.mean(vals)), marker='*', ms=11, color=f'C{i}', ls='none')
+        else:
             ax.axhline(float(np.mean(vals)), color=f'C{i}', ls=':', label=f'{label} (final)')
             drawn[label] = vals
     name = {'knn_top1': 'kNN Acc@1', 'knn_top5': 'kNN Acc@5'}.get(key, key)
-    return _finish(ax, name, 'epochs done', f'{name} (%)', save, drawn, key)
+    fig = _finish(ax, name, 'epochs done', f'{name} (%)', save=None, drawn=drawn, what=key)
+    if drawn: ax.set_title(f'{name}\n(lines: periodic kNN, smaller memory; stars and dotted: final, whole training set)', fontsize=9)
+    if save: save_figure(ax.figure, save, close=False)
+    return fig
 
 # %% ../nbs/18_viz.ipynb #d4b9edf7
 COLLAPSE_PANELS = {
