@@ -6,6 +6,11 @@ signals; results.md and the plots are written next to the runs.
 
     python benchmarks/bench_fmnist_ssl.py [--minutes 10] [--methods random,dino,ibot] [--seeds 0] [--out runs/bench_fmnist]
     python benchmarks/bench_fmnist_ssl.py --methods ibot,ibot_rkd_d,ibot_rkd_a,ibot_rkd_da,ibot_rkd_struct,multi_teacher --seeds 0,1,2
+    python benchmarks/bench_fmnist_ssl.py --methods random@small_cnn,simclr,moco,byol,random@vit_nano/4,mae --out runs/fmnist_baselines
+
+A method written METHOD@ARCH or METHOD@ARCH/PATCH trains that backbone instead of the method's default (`random@small_cnn` is the untrained
+CNN the contrastive methods start from). Each run is compared with the untrained backbone of the same architecture,
+patch size and seed, when that row is in the table.
 
 Runs are stored in OUT/METHOD-sSEED; re-running skips runs whose results.json exists (delete it to start again).
 Anything after `--` goes to `sslkd train` (e.g. `-- --set n_local=0`, or `-- --arch small_cnn` for every row).
@@ -19,6 +24,15 @@ from sslkd.viz import read_metrics, step_records, eval_records
 RAW_PIXELS_KNN = 86.05  # weighted kNN on mean-centred raw pixels, k=20, T=0.07 (tests/test_evaluate.py)
 SIGNALS = ('teacher_entropy', 'ln_K', 'teacher_mean_entropy', 'kl_teacher_student', 'agreement', 'feature_std', 'effective_rank')
 
+def _row(name):
+    "'simclr' -> Row('simclr'); 'random@small_cnn' -> the untrained small CNN; 'random@vit_nano/4' -> that ViT at patch 4."
+    method, _, backbone = name.partition('@')
+    if not backbone: return Row(method)
+    arch, _, patch = backbone.partition('/')
+    return Row(method, f'{method} ({backbone})', {'arch': arch, 'patch': int(patch) if patch else None})
+
+def _backbone(r): return r['arch'], r.get('patch'), r['seed']
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--minutes', type=float, default=10); p.add_argument('--methods', default='random,dino,ibot')
@@ -28,16 +42,17 @@ def main():
     p.add_argument('extra', nargs='*', help='more `sslkd train` options, after --')
     a = p.parse_args()
     seeds, out = [int(s) for s in a.seeds.split(',')], Path(a.out)
-    rows = compare([Row(m) for m in a.methods.split(',')], 'fashion_mnist', out, seeds, minutes=a.minutes,
+    rows = compare([_row(m) for m in a.methods.split(',')], 'fashion_mnist', out, seeds, minutes=a.minutes,
                    common={'eval_every': a.eval_every, 'no_progress': True}, extra=a.extra)
     write_results(out / 'results.json', 'fashion_mnist', rows)
     md = results_markdown(rows, 'fashion_mnist', f'{a.minutes:g} min per run, seeds {a.seeds}')
     (out / 'results.md').write_text(md); print('\n' + md)
-    base = {r['seed']: r['knn_top1'] for r in rows if r['method'] == 'random'}
-    print(f"per run: kNN@1 against the untrained backbone of the same seed and against raw pixels ({RAW_PIXELS_KNN})")
+    base = {_backbone(r): r['knn_top1'] for r in rows if r['method'] == 'random'}
+    print(f"per run: kNN@1 against the untrained backbone (same architecture, patch and seed) and against raw pixels ({RAW_PIXELS_KNN})")
     for r in rows:
-        vs = f"{r['knn_top1'] - base[r['seed']]:+6.2f} vs random" if r['seed'] in base and r['method'] != 'random' else ' ' * 16
-        print(f"  {r['label']:16s} s{r['seed']} {r['epochs']:5.2f} ep {r['train_seconds']:5.0f} s  kNN@1 {r['knn_top1']:6.2f}  {vs}  "
+        b = base.get(_backbone(r))
+        vs = f"{r['knn_top1'] - b:+6.2f} vs random" if b is not None and r['method'] != 'random' else ' ' * 16
+        print(f"  {r['label']:18s} {r['arch']:9s} s{r['seed']} {r['epochs']:5.2f} ep {r['train_seconds']:5.0f} s  kNN@1 {r['knn_top1']:6.2f}  {vs}  "
               f"{r['knn_top1'] - RAW_PIXELS_KNN:+6.2f} vs pixels")
     for r in rows:
         recs = read_metrics(r['run'])
