@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sslkd.resnet import (BasicBlock, Bottleneck, ResNet, SmallCNN, resnet18, resnet34, resnet50, small_cnn,
+from sslkd.resnet import (BasicBlock, Bottleneck, ResNet, SmallCNN, resnet18, resnet34, resnet50, small_cnn, wide_cnn,
                           resnet_archs, num_params)
 
 
@@ -12,7 +12,7 @@ def assert_eq(a, b):
 
 @pytest.mark.parametrize('arch,dim,in_chans,size', [
     ('resnet18', 512, 1, 28), ('resnet18', 512, 3, 32), ('resnet34', 512, 3, 32), ('resnet50', 2048, 1, 28),
-    ('resnet50', 2048, 3, 32), ('small_cnn', 256, 1, 28), ('small_cnn', 256, 3, 32)])
+    ('resnet50', 2048, 3, 32), ('small_cnn', 256, 1, 28), ('small_cnn', 256, 3, 32), ('wide_cnn', 512, 1, 28)])
 def test_shapes(arch, dim, in_chans, size):
     torch.manual_seed(0)
     m = resnet_archs[arch](in_chans=in_chans).eval()
@@ -44,6 +44,7 @@ def test_param_counts():
     assert_eq(num_params(small_cnn(1)), 388_320)
     assert_eq(num_params(small_cnn(3)), 388_320 + 2 * 9 * 32)
     assert 100_000 < num_params(small_cnn(1)) < 1_000_000
+    assert_eq(num_params(wide_cnn(1)), 1_550_784)   # twice the width: about 4x the parameters (and the compute)
 
 
 def test_small_cnn_structure():
@@ -91,7 +92,7 @@ def test_blocks():
 
 
 def test_registry():
-    assert_eq(set(resnet_archs), {'resnet18', 'resnet34', 'resnet50', 'small_cnn'})
-    assert isinstance(resnet50(), ResNet) and isinstance(small_cnn(), SmallCNN)
+    assert_eq(set(resnet_archs), {'resnet18', 'resnet34', 'resnet50', 'small_cnn', 'wide_cnn'})
+    assert isinstance(resnet50(), ResNet) and isinstance(small_cnn(), SmallCNN) and isinstance(wide_cnn(), SmallCNN)
     assert_eq(small_cnn().in_chans, 1)
     assert_eq(resnet18().in_chans, 3)
