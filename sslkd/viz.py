@@ -134,10 +134,8 @@ def plot_knn_curves(runs, key='knn_top1', ax=None, save=None):
             ax.axhline(float(np.mean(vals)), color=f'C{i}', ls=':', label=f'{label} (final)')
             drawn[label] = vals
     name = {'knn_top1': 'kNN Acc@1', 'knn_top5': 'kNN Acc@5'}.get(key, key)
-    fig = _finish(ax, name, 'epochs done', f'{name} (%)', save=None, drawn=drawn, what=key)
-    if drawn: ax.set_title(f'{name}\n(lines: periodic kNN, smaller memory; stars and dotted: final, whole training set)', fontsize=9)
-    if save: save_figure(ax.figure, save, close=False)
-    return fig
+    title = f'{name}\n(lines: periodic kNN, smaller memory; stars and dotted: final, whole training set)' if drawn else name
+    return _finish(ax, title, 'epochs done', f'{name} (%)', save, drawn, key)
 
 # %% ../nbs/18_viz.ipynb #d4b9edf7
 COLLAPSE_PANELS = {

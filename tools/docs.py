@@ -7,10 +7,10 @@
 nbdev's half of that job (`nbdev.serve.proc_nbs`: directives, hidden cells, `show_doc` for every exported
 function and class, links from backticked names to their docs) and replaces Quarto's half: nbconvert turns each
 processed notebook into HTML, LaTeX becomes MathML (latex2mathml; browsers draw it without scripts or network),
-and the navigation comes from the same `nbs/_quarto.yml` and `nbs/sidebar.yml` that `nbdev_docs` reads, so the
-two builds agree on pages, titles and order. Plots are the PNG outputs saved in the notebooks.
+and the navigation, titles and site name come from the same `nbs/sidebar.yml`, `nbs/nbdev.yml` and notebook front
+matter that `nbdev_docs` reads, so the two builds agree on pages, titles and order. Plots are the PNG outputs saved in the notebooks.
 """
-import argparse, html, re, shutil, sys, time
+import argparse, html, json, re, shutil, sys, time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -189,14 +189,12 @@ def page(title, description, body, nav, toc, site, active):
 # ---- the build
 
 def build(out=None, n_workers=2, force=False):
-    import json
     from nbdev.config import get_config
     from nbdev.serve import proc_nbs
     from pygments.formatters import HtmlFormatter
     t0 = time.time()
     cfg = get_config()
     nbs, out = Path(cfg.nbs_path), Path(out or cfg.doc_path)
-    quarto = yaml.safe_load((nbs / '_quarto.yml').read_text())
     sidebar = yaml.safe_load((nbs / 'sidebar.yml').read_text())['website']['sidebar']['contents']
     nbdev_yml = yaml.safe_load((nbs / 'nbdev.yml').read_text()).get('website', {})
     site = {'title': nbdev_yml.get('title', cfg.lib_name), 'description': nbdev_yml.get('description', ''),
@@ -222,8 +220,7 @@ def build(out=None, n_workers=2, force=False):
         m = meta[name]
         body, toc = render_notebook(nb, pages, site['url'], exporter)
         (out / pages[name]).write_text(page(m.get('title') or name, m.get('description', ''), body, nav, toc, site, pages[name]))
-    print(f"built {len(notebooks)} pages into {out} in {time.time() - t0:.0f} s (nbdev processing + nbconvert, "
-          f"theme and navigation from {nbs}/_quarto.yml and sidebar.yml; quarto format {quarto.get('format', {}).get('html', {}).get('theme')})")
+    print(f"built {len(notebooks)} pages into {out} in {time.time() - t0:.0f} s (nbdev processing + nbconvert, navigation from {nbs}/sidebar.yml)")
     return out
 
 if __name__ == '__main__':
