@@ -253,6 +253,18 @@ def test_row_options_name_other_rows_checkpoints(tmp_path):
     assert all(r.args['teacher'][1:-1] in labels for r in PRESETS['seed002'].rows if r.method == 'kassl')
 
 
+def test_a_once_row_trains_one_seed_that_every_seed_uses(tmp_path, monkeypatch):
+    "seed 002's teacher is pretrained once; the students of seeds 3 and 4 both distil the seed-3 teacher."
+    calls = []
+    monkeypatch.setattr(experiment, 'train_command', lambda a: calls.append(a) or {'method': a.method})
+    rows = [Row('byol', 'teacher', once=True), Row('kassl', 'student', {'teacher': '{teacher}'})]
+    res = experiment.compare(rows, 'fashion_mnist', tmp_path, [3, 4], epochs=1)
+    assert [(a.method, a.seed) for a in calls] == [('byol', 3), ('kassl', 3), ('kassl', 4)]
+    assert {a.teacher for a in calls[1:]} == {str(tmp_path / 'teacher-s3' / 'checkpoint.pt')}
+    assert [r['label'] for r in res] == ['teacher', 'student', 'student']
+    assert experiment._fill('{teacher}', tmp_path, 4) == str(tmp_path / 'teacher-s4' / 'checkpoint.pt')  # without once: the same seed
+
+
 def test_kassl_refuses_a_pooled_teacher(folder, tmp_path, capsys):
     "MAE is scored on pooled patch tokens; a teacher rebuilt from its architecture would give CLS features instead."
     run(['train', '--method', 'mae', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 'm'), *TINY], capsys)
