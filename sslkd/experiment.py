@@ -253,8 +253,9 @@ def compare(rows, data, out, seeds=1, minutes=None, epochs=None, common=None, ex
             run = out / f"{_slug(row.label)}-s{seed}"
             if (run / 'results.json').exists():
                 results.append({**json.loads((run / 'results.json').read_text())['rows'][0], 'label': row.label, 'run': str(run)}); continue
+            own = {'minutes', 'epochs'} & row.args.keys()  # a row's own budget (seed 002's teacher) beats the comparison's
             argv = ['train', '--method', row.method, '--data', data, '--seed', str(seed), '--out', str(run),
-                    *(['--minutes', str(minutes)] if minutes else ['--epochs', str(epochs)] if epochs else []),
+                    *([] if own else ['--minutes', str(minutes)] if minutes else ['--epochs', str(epochs)] if epochs else []),
                     *run_flags({**(common or {}), **{k: _fill(v, out, seed, seed_of) for k, v in row.args.items()}}), *extra]
             if (run / 'checkpoint.pt').exists(): argv.append('--resume')
             results.append({**train_command(parser().parse_args(argv)), 'label': row.label, 'run': str(run)})

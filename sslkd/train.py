@@ -9,16 +9,17 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import torch, torch.nn as nn
 import torch.distributed as dist
-from fastprogress.fastprogress import master_bar, progress_bar
+from fastprogress.fastprogress import master_bar, progress_bar, MasterBar
 from .data import ImageData, DeviceLoader
 from .teacher import cosine_schedule
 from .evaluate import extract_features, knn_accuracy
 from .metrics import collapse_warning
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'SIGNAL_KEYS', 'TrainConfig', 'resolve_device', 'param_groups', 'lr_wd_at', 'is_main_process',
-           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state', 'set_rng_state', 'TrainingDiverged',
-           'check_finite', 'train_step', 'ddp_wrap', 'init_distributed', 'knn_eval', 'fit']
+__all__ = ['CHECKPOINT_FORMAT', 'REPLAN_AT', 'SIGNAL_KEYS', 'TrainConfig', 'resolve_device', 'param_groups', 'lr_wd_at',
+           'is_main_process', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state', 'set_rng_state',
+           'TrainingDiverged', 'check_finite', 'train_step', 'ddp_wrap', 'init_distributed', 'knn_eval', 'replan_steps',
+           'fit']
 
 # %% ../nbs/11_train.ipynb #b6caaa95
 @dataclass
@@ -229,6 +230,12 @@ def _diff(a, b, prefix=''):
         elif va != vb: out.append(f'{prefix}{k}: checkpoint {va!r} vs now {vb!r}')
     return out
 
+REPLAN_AT = (0.1, 0.3)  # fractions of a time budget after which the number of steps is re-planned
+
+def replan_steps(step, seconds, budget_seconds):
+    "Steps that fit in `budget_seconds` at the mean speed of the `step` steps that took `seconds`; never fewer than `step + 1`."
+    return max(step + 1, int(step * budget_seconds / seconds)) if seconds > 0 else step + 1
+
 SIGNAL_KEYS = {'teacher_entropy', 'feature_std', 'effective_rank'}  # logs that `collapse_warning` reads
 
 def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=None):
@@ -283,7 +290,12 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
     out_of_time = lambda: bool(cfg.minutes) and _max_over_ranks(train_seconds, dev) >= cfg.minutes * 60
     start_epoch = step // spe if spe else 0
     every = max(1, round(cfg.eval_every * spe)) if cfg.eval_every else 0  # steps between kNN evaluations
-    mb = master_bar(range(start_epoch, n_epochs)) if cfg.progress and is_main_process() else range(start_epoch, n_epochs)
+    budget = cfg.minutes * 60 if cfg.minutes and trainable else 0
+    replan_at = [f * budget for f in REPLAN_AT if f * budget > train_seconds]  # a resumed run skips the points it passed
+    def epochs():  # a generator, so a re-plan can add or remove epochs
+        e = start_epoch
+        while e < n_epochs: yield e; e += 1
+    mb = master_bar(epochs(), total=n_epochs - start_epoch) if cfg.progress and is_main_process() else epochs()
     method.train()
     last_warning = None
     try:
@@ -311,6 +323,13 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
                     log({'step': step, 'epoch': epoch, 'loss': loss, **logs})
                 if cfg.progress and is_main_process(): mb.child.comment = f'loss {loss:.4f}'
                 step += 1
+                if replan_at and (t := _max_over_ranks(train_seconds, dev)) >= replan_at[0]:  # every rank takes the same decision
+                    replan_at.pop(0)
+                    new = replan_steps(step, t, budget)
+                    log({'event': 'replan', 'step': step, 'train_seconds': round(t, 2), 'sec_per_step': round(t / step, 5),
+                         'total_steps': new, 'was': total_steps})
+                    total_steps, n_epochs = new, math.ceil(new / spe)
+                    if isinstance(mb, MasterBar): mb.main_bar.total = n_epochs - start_epoch
                 if eval_data is not None and every and step % every == 0 and step % spe and step < total_steps and is_main_process():
                     t_eval = time.perf_counter()  # evaluation time counts neither as training time nor towards images/s
                     rec = {'step': step, 'epochs_done': round(step / spe, 4), 'train_seconds': round(train_seconds, 2)}

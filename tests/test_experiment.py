@@ -265,6 +265,15 @@ def test_a_once_row_trains_one_seed_that_every_seed_uses(tmp_path, monkeypatch):
     assert experiment._fill('{teacher}', tmp_path, 4) == str(tmp_path / 'teacher-s4' / 'checkpoint.pt')  # without once: the same seed
 
 
+@pytest.mark.parametrize('budget', [{'minutes': 2}, {'epochs': 3}])
+def test_a_row_keeps_its_own_budget(tmp_path, monkeypatch, budget):
+    "seed 002's teacher trains its 30 epochs whatever budget the comparison gives the other rows."
+    calls = []
+    monkeypatch.setattr(experiment, 'train_command', lambda a: calls.append(a) or {'method': a.method})
+    experiment.compare([Row('byol', 'teacher', {'epochs': 30}), Row('byol', 'baseline')], 'fashion_mnist', tmp_path, [0], **budget)
+    assert [(a.epochs, a.minutes) for a in calls] == [(30, None), (budget.get('epochs', calls[1].epochs), budget.get('minutes'))]
+
+
 def test_kassl_refuses_a_pooled_teacher(folder, tmp_path, capsys):
     "MAE is scored on pooled patch tokens; a teacher rebuilt from its architecture would give CLS features instead."
     run(['train', '--method', 'mae', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 'm'), *TINY], capsys)

@@ -1,5 +1,6 @@
-import json, math, warnings
+import json, math, types, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
+import sslkd.train
 from sslkd.data import ImageData
 from sslkd.augment import normalize
 from sslkd.teacher import make_teacher, ema_update
@@ -209,3 +210,36 @@ class FeatureCollapse(ToyMethod):
 def test_feature_only_collapse_is_warned(tmp_path, capsys):
     fit(FeatureCollapse(), toy_data(), TrainConfig(**CFG), out=tmp_path)
     assert capsys.readouterr().out.count('dimensional collapse') == 1
+
+
+
+class Drifting(ToyMethod):
+    """A toy method whose steps cost `first` seconds while the loop times them, then `later`: a CPU whose speed
+    drifts. The cost is added to a fake clock, so the test is exact on a machine of any speed or load."""
+    def __init__(self, first, later):
+        super().__init__(); self.first, self.later, self.calls, self.now = first, later, 0, 0.
+    def clock(self): return self.now
+    def training_step(self, x, g, step, total_steps, log=False):
+        self.calls += 1
+        self.now += self.first if self.calls <= 4 else self.later  # `_time_steps` runs 4 steps (one warm-up)
+        return super().training_step(x, g, step, total_steps, log)
+
+
+def _events(out, kind): return [r for r in map(json.loads, (out / 'metrics.jsonl').read_text().splitlines()) if r.get('event') == kind]
+
+
+@pytest.mark.parametrize('first,later', [(0.01, 0.03), (0.03, 0.01)], ids=['slower', 'faster'])
+def test_time_budget_replans_when_the_speed_drifts(tmp_path, monkeypatch, first, later):
+    method = Drifting(first, later)
+    monkeypatch.setattr(sslkd.train, 'time', types.SimpleNamespace(perf_counter=method.clock))
+    cfg = TrainConfig(**{**CFG, 'minutes': 0.05, 'epochs': 1, 'eval_every': 0})  # 3 s
+    res = fit(method, toy_data(480), cfg, out=tmp_path)  # 30 steps per epoch
+    planned = _events(tmp_path, 'start')[0]['total_steps']
+    assert planned == round(3 / first)  # from the timed steps
+    replans = _events(tmp_path, 'replan')
+    assert [r['train_seconds'] for r in replans] == [pytest.approx(0.3, abs=0.03), pytest.approx(0.9, abs=0.03)]  # 10%, 30%
+    # after the re-plans the run ends on its last planned step, so the schedules reach their end, within the budget;
+    # without them it would stop at a third of its steps (slower) or of its budget (faster)
+    assert res['steps'] == res['total_steps'] == replans[-1]['total_steps'] == pytest.approx(3 / later, abs=1)
+    assert res['train_seconds'] == pytest.approx(3, abs=later + 1e-9)
+    if later < first: assert res['steps'] > math.ceil(planned / 30) * 30  # epochs were added
