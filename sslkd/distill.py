@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from .augment import multicrop_preset, AUGMENT_PRESETS
 from .metrics import feature_std, effective_rank
+from .dino import ema_center_
 
 # %% auto #0
 __all__ = ['VIEW_PAIRS', 'neg_cosine_naive', 'neg_cosine', 'kassl_loss', 'encoder_extension', 'random_projection', 'KASSLConfig',
@@ -80,6 +81,8 @@ class KASSLConfig:
     reduction_dim: int | None = None        # ... to this dim (None: teacher_dim // 4); the extension then targets it
     augment: str = 'byol'                   # preset of sslkd.augment.AUGMENT_PRESETS for the two views
     global_scale: tuple | None = None       # crop area range of the two views; None: the preset's
+    center_targets: bool = False            # not in the seed: subtract a running mean of the targets, so that the loss
+    center_momentum: float = 0.9            # weighs what tells images apart (see "Centring the targets")
 
 def _positive(name, v):
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -93,6 +96,8 @@ def check_kassl_config(cfg):
     gs = cfg.global_scale
     if gs is not None and (len(gs) != 2 or not 0 < gs[0] <= gs[1] <= 1):
         raise ValueError(f"global_scale={gs!r} must be (low, high) crop areas with 0 < low <= high <= 1, e.g. (0.5, 1.0)")
+    if not 0 <= cfg.center_momentum < 1:
+        raise ValueError(f"center_momentum={cfg.center_momentum!r} must be in [0, 1): the weight of the old centre in its running mean")
     if cfg.reduction_dim is not None and not cfg.feature_reduction:
         raise ValueError(f"reduction_dim={cfg.reduction_dim} has no effect without feature_reduction=True: set both, or neither")
 
@@ -153,6 +158,7 @@ class KASSL(nn.Module):
         if getattr(teacher, 'mask_token', None) is not None: teacher.mask_token = None
         self.teacher = teacher.requires_grad_(False).eval()
         self.register_buffer('reduction', random_projection(cfg.teacher_dim, out_dim).to(dev) if cfg.feature_reduction else None)
+        self.register_buffer('target_center', torch.zeros(out_dim, device=dev) if cfg.center_targets else None)
         self.augment = multicrop_preset(cfg.augment, img_size, channels, mean, std, n_local=0, global_scale=cfg.global_scale)
         self.pairs = VIEW_PAIRS[(cfg.no_aug, cfg.symmetric)]
 
@@ -164,14 +170,17 @@ class KASSL(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, x):
-        "The teacher's features of normalised images `x` (B, teacher_dim), projected to the reduced dimension if any: float32."
+        "The teacher's features of normalised images `x` (B, teacher_dim), projected to the reduced dimension if any, centred if asked: float32."
         self.teacher.eval()  # also when someone called teacher.train() directly
         t = self.teacher(x)
         if t.ndim != 2 or t.shape[1] != self.cfg.teacher_dim:
             raise ValueError(f"the teacher returned {tuple(t.shape)}, expected (batch, teacher_dim={self.cfg.teacher_dim})")
         with torch.autocast(t.device.type, enabled=False):
             t = _fp32(t)
-            return t if self.reduction is None else t @ self.reduction.to(t.dtype).T
+            t = t if self.reduction is None else t @ self.reduction.to(t.dtype).T
+            if self.target_center is None: return t
+            if self.training: ema_center_(self.target_center.view(1, -1), t, self.cfg.center_momentum)
+            return t - self.target_center
 
     def training_step(self, x, g, step, total_steps, log=False):
         "Loss of two augmented views of the uint8 batch `x` (generator `g`) and logs: loss, cosine, the student's collapse signals."

@@ -211,6 +211,21 @@ def test_feature_reduction_changes_the_target_dimension():
     assert torch.equal(red.reduction, P) and 'reduction' in red.state_dict()
 
 
+def test_centred_targets_subtract_a_running_mean_updated_in_training_only():
+    plain, c = make(), make(center_targets=True, center_momentum=0.5)
+    assert plain.target_center is None and 'target_center' not in plain.state_dict()  # the seed's recipe is unchanged
+    x1, x2 = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    t1, t2 = plain.teacher_targets(x1), plain.teacher_targets(x2)
+    torch.testing.assert_close(c.teacher_targets(x1), t1 - 0.5 * t1.mean(0))                        # 0.5 * 0 + 0.5 * mean
+    torch.testing.assert_close(c.teacher_targets(x2), t2 - (0.25 * t1.mean(0) + 0.5 * t2.mean(0)))
+    center = c.target_center.clone()
+    c.eval()
+    torch.testing.assert_close(c.teacher_targets(x1), t1 - center)
+    assert torch.equal(c.target_center, center) and torch.equal(c.state_dict()['target_center'], center)
+    red = make(center_targets=True, feature_reduction=True)
+    assert red.target_center.shape == (64,)  # centred in the space the extension targets
+
+
 def test_loss_goes_down_on_a_tiny_synthetic_set():
     m = make()
     opt = torch.optim.AdamW(m.student.parameters(), lr=3e-3)
@@ -306,6 +321,7 @@ def test_clear_errors_for_bad_teachers():
     (dict(global_scale=(0.5, 1.5)), '0 < low <= high <= 1'),
     (dict(reduction_dim=32), 'without feature_reduction=True'),
     (dict(feature_reduction=True, reduction_dim=256), 'smaller than the teacher'),
+    (dict(center_targets=True, center_momentum=1.0), 'center_momentum=1.0 must be in'),
 ])
 def test_clear_errors_for_bad_config_values(kw, msg):
     with pytest.raises(ValueError, match=msg): make(KASSLConfig(**kw))
