@@ -488,14 +488,14 @@ def load_teacher(path, data, dataset):
     "The frozen teacher backbone of checkpoint `path` for kassl, checked against `data`, and its KASSLConfig record."
     if not path: raise ValueError("kassl distils a trained model: give --teacher CHECKPOINT (a checkpoint.pt written by sslkd train)")
     method, ck = load_method(path)
-    td = ck['meta']
-    if isinstance(method.eval_backbone(), PooledViT):
+    td, backbone = ck['meta'], method.eval_backbone()
+    if isinstance(backbone, PooledViT):
         raise ValueError(f"the teacher {path} is scored on pooled patch tokens ({td['method']}); kassl rebuilds a teacher from its "
                          f"architecture alone, which gives the CLS feature: distil a teacher of another method")
     if (td['img_size'], td['channels']) != (data.x.shape[-1], data.x.shape[1]) or [round(v, 6) for v in td['mean']] != [round(v, 6) for v in data.mean]:
         raise ValueError(f"the teacher {path} was trained on {td['channels']}-channel {td['img_size']} px images of {td.get('dataset')}, "
                          f"not on {dataset}: train a teacher on {dataset} first")
-    return method.eval_backbone(), teacher_record(method.eval_backbone(), td['arch'], td.get('patch'), path)
+    return backbone, teacher_record(backbone, td['arch'], td.get('patch'), path)
 
 def load_method(path, device='cpu'):
     "Rebuild a trained method from an sslkd checkpoint; returns (method, checkpoint)."
