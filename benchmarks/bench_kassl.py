@@ -5,7 +5,8 @@ each student gets relative to the teacher and to the baseline.
 
 Rows (the preset): the teacher (wide_cnn trained by BYOL for 30 epochs), the baseline (small_cnn trained by BYOL
 alone for the student budget, 10 epochs), the student (the same small_cnn distilled from the teacher by KASSL for
-the same epochs: equal student compute) and the seed's ablations (no_aug, feature_reduction, both). Every figure
+the same epochs: equal student compute), the student with centred targets (not in the seed) and the seed's
+ablations (no_aug, feature_reduction, both). Every figure
 is on the test split from the final checkpoint (kNN k=20 T=0.07 and a linear probe). Budgets are in epochs, so
 the figures do not depend on the machine's load; training seconds are printed too. Re-running skips finished
 runs and resumes stopped ones (the teacher takes about 100 minutes on a 2-core CPU).

@@ -209,11 +209,12 @@ PRESETS = {
     'seed002': Preset('fashion_mnist', [Row('byol', 'teacher (byol, wide_cnn, 3x epochs)', {'arch': 'wide_cnn', 'epochs': 30}, once=True),
                                         Row('byol', 'baseline (byol)'),
                                         *(Row('kassl', f'student (kassl{name})', {'teacher': '{teacher (byol, wide_cnn, 3x epochs)}', 'set': flags})
-                                          for name, flags in (('', []), (', no_aug', ['no_aug=true']), (', feature_reduction', ['feature_reduction=true']),
+                                          for name, flags in (('', []), (', centred targets', ['center_targets=true']), (', no_aug', ['no_aug=true']),
+                                                              (', feature_reduction', ['feature_reduction=true']),
                                                               (', both', ['no_aug=true', 'feature_reduction=true'])))],
                       epochs=10, about="seed 002's KASSL table: a larger teacher (wide_cnn, 4x the compute per image) trained by BYOL for three "
                                        "times the epochs, the small CNN trained by BYOL alone (the baseline), and the same CNN distilled from "
-                                       "the teacher for the same epochs, with the seed's two ablations"),
+                                       "the teacher for the same epochs, with the seed's two ablations and, not in the seed, centred targets"),
     'seed000': Preset('fashion_mnist', [Row(m) for m in ('dino', 'ibot', 'multi_teacher', 'moco', 'byol')], minutes=10, seeds=3, eval_every=0.25,
                       about="seed 000's question: self-distillation (DINO), what masked modelling adds (iBOT), several teachers, and "
                             "momentum/contrastive methods (MoCo, BYOL) in short training, with kNN at every quarter epoch"),
