@@ -259,7 +259,8 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
     planned = max(1, round(cfg.epochs * spe))  # steps of `epochs` epochs; a time budget replaces it
     step, train_seconds, total_steps = 0, 0.0, planned
     history = []
-    if resume and ckpt_path and ckpt_path.exists():
+    resumed = bool(resume and ckpt_path and ckpt_path.exists())
+    if resumed:
         ck = load_checkpoint(ckpt_path, map_location=dev)
         diffs = _diff(ck['signature'], sig)
         if diffs: raise CheckpointError(f"{ckpt_path} was written by another configuration:\n  " + "\n  ".join(diffs) +
@@ -277,7 +278,8 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
     if not trainable: total_steps = 0
     n_epochs = math.ceil(total_steps / spe) if total_steps else 0
     if out and is_main_process(): out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / 'metrics.jsonl', 'a') if out and is_main_process() else None
+    # a fresh run starts a fresh log: lines of a run that stopped before its first checkpoint would mix in
+    log_file = open(out / 'metrics.jsonl', 'a' if resumed else 'w') if out and is_main_process() else None
     def log(rec):
         if log_file: log_file.write(json.dumps(rec) + '\n'); log_file.flush()
     def checkpoint():
@@ -285,7 +287,7 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
             save_checkpoint({'format': CHECKPOINT_FORMAT, 'signature': sig, 'meta': meta or {}, 'method': method.state_dict(),
                              'optimizer': opt.state_dict(), 'rng': rng_state(g), 'step': step, 'total_steps': total_steps, 'steps_per_epoch': spe,
                              'train_seconds': train_seconds, 'history': history}, ckpt_path)
-    if step == 0 and not resume: log({'event': 'start', 'total_steps': total_steps, 'steps_per_epoch': spe, 'epochs': n_epochs})
+    if not resumed: log({'event': 'start', 'total_steps': total_steps, 'steps_per_epoch': spe, 'epochs': n_epochs})
     # the budget is enforced too: if steps turn out slower than measured, the run stops at the budget
     out_of_time = lambda: bool(cfg.minutes) and _max_over_ranks(train_seconds, dev) >= cfg.minutes * 60
     start_epoch = step // spe if spe else 0

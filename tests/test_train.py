@@ -243,3 +243,13 @@ def test_time_budget_replans_when_the_speed_drifts(tmp_path, monkeypatch, first,
     assert res['steps'] == res['total_steps'] == replans[-1]['total_steps'] == pytest.approx(3 / later, abs=1)
     assert res['train_seconds'] == pytest.approx(3, abs=later + 1e-9)
     if later < first: assert res['steps'] > math.ceil(planned / 30) * 30  # epochs were added
+
+
+@pytest.mark.parametrize('resume', [False, True])  # --resume with no checkpoint yet is a fresh start too
+def test_a_fresh_run_starts_a_fresh_log(tmp_path, resume):
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 0, "loss": 9.0}\n')  # a run that stopped before its first checkpoint
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=resume)
+    lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert lines[0]['event'] == 'start' and all(l.get('loss') != 9.0 for l in lines)
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)  # a real resume appends
+    assert (tmp_path / 'metrics.jsonl').read_text().splitlines()[:len(lines)] == [json.dumps(l) for l in lines]
