@@ -288,12 +288,13 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
                              'optimizer': opt.state_dict(), 'rng': rng_state(g), 'step': step, 'total_steps': total_steps, 'steps_per_epoch': spe,
                              'train_seconds': train_seconds, 'history': history}, ckpt_path)
     if not resumed: log({'event': 'start', 'total_steps': total_steps, 'steps_per_epoch': spe, 'epochs': n_epochs})
-    # the budget is enforced too: if steps turn out slower than measured, the run stops at the budget
-    out_of_time = lambda: bool(cfg.minutes) and _max_over_ranks(train_seconds, dev) >= cfg.minutes * 60
     start_epoch = step // spe if spe else 0
     every = max(1, round(cfg.eval_every * spe)) if cfg.eval_every else 0  # steps between kNN evaluations
     budget = cfg.minutes * 60 if cfg.minutes and trainable else 0
     replan_at = [f * budget for f in REPLAN_AT if f * budget > train_seconds]  # a resumed run skips the points it passed
+    spent = train_seconds  # the slowest rank's training time, so that every rank takes the same decisions
+    # the budget is enforced too: if steps turn out slower than planned, the run stops at the budget
+    out_of_time = lambda: bool(budget) and spent >= budget
     def epochs():  # a generator, so a re-plan can add or remove epochs
         e = start_epoch
         while e < n_epochs: yield e; e += 1
@@ -325,10 +326,11 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
                     log({'step': step, 'epoch': epoch, 'loss': loss, **logs})
                 if cfg.progress and is_main_process(): mb.child.comment = f'loss {loss:.4f}'
                 step += 1
-                if replan_at and (t := _max_over_ranks(train_seconds, dev)) >= replan_at[0]:  # every rank takes the same decision
+                if budget: spent = _max_over_ranks(train_seconds, dev)  # one all-reduce per step under DDP
+                if replan_at and spent >= replan_at[0]:
                     replan_at.pop(0)
-                    new = replan_steps(step, t, budget)
-                    log({'event': 'replan', 'step': step, 'train_seconds': round(t, 2), 'sec_per_step': round(t / step, 5),
+                    new = replan_steps(step, spent, budget)
+                    log({'event': 'replan', 'step': step, 'train_seconds': round(spent, 2), 'sec_per_step': round(spent / step, 5),
                          'total_steps': new, 'was': total_steps})
                     total_steps, n_epochs = new, math.ceil(new / spe)
                     if isinstance(mb, MasterBar): mb.main_bar.total = n_epochs - start_epoch

@@ -1,5 +1,6 @@
 "DDP on CPU (gloo): 2 processes with batch B/2 each take the same steps as 1 process with batch B."
-import os, socket, warnings
+import json, os, socket, time, warnings
+from pathlib import Path
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from sslkd.data import ImageData
 from sslkd.augment import normalize
@@ -62,3 +63,31 @@ def test_two_ranks_match_one_process(tmp_path):
     diff = max((ddp[k].float() - ref[k].float()).abs().max().item() for k in ref)
     print(f"largest difference, 2 ranks x batch 8 vs 1 process x batch 16, after 4 steps: {diff:.3g}")
     assert diff < 1e-5, f"2 ranks x batch 8 differ from 1 process x batch 16 by {diff}"
+
+
+class SlowRankViews(MirrorViews):
+    "Rank 1 is slower: the ranks' clocks disagree, and the time budget's decisions must still be taken together."
+    def __call__(self, x, g):
+        if dist.get_rank() == 1: time.sleep(0.005)
+        return super().__call__(x, g)
+
+
+def budget_worker(rank, world, port, folder):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    warnings.simplefilter('ignore')
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        m = make(seed=0); m.augment = SlowRankViews()
+        res = fit(m, images(256), TrainConfig(batch_size=8, **{**CFG, 'minutes': 0.03}), out=Path(folder) if rank == 0 else None)
+        torch.save({'steps': res['steps'], 'total_steps': res['total_steps']}, Path(folder) / f'rank{rank}.pt')
+    finally: dist.destroy_process_group()
+
+
+def test_time_budget_decisions_are_the_same_on_every_rank(tmp_path):
+    "Planning, the two re-plans and the stop at the budget use the slowest rank's time: no rank waits for another forever."
+    mp.spawn(budget_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    assert r0 == r1 and r0['steps'] > 0
+    events = [json.loads(l).get('event') for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert events.count('replan') == 2

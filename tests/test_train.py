@@ -212,7 +212,6 @@ def test_feature_only_collapse_is_warned(tmp_path, capsys):
     assert capsys.readouterr().out.count('dimensional collapse') == 1
 
 
-
 class Drifting(ToyMethod):
     """A toy method whose steps cost `first` seconds while the loop times them, then `later`: a CPU whose speed
     drifts. The cost is added to a fake clock, so the test is exact on a machine of any speed or load."""
