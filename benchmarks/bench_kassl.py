@@ -1,38 +1,54 @@
 """Seed 002's KASSL table on real Fashion-MNIST, on this machine: `sslkd compare --preset seed002`, then how far
 each student gets relative to the teacher and to the baseline.
 
-    python benchmarks/bench_kassl.py [--out runs/seed002] [--seeds 0] [--epochs 10]
+    python benchmarks/bench_kassl.py [--out runs/seed002] [--seeds 0] [--epochs 10] [--rows 'baseline;student (kassl)']
 
 Rows (the preset): the teacher (wide_cnn trained by BYOL for 30 epochs), the baseline (small_cnn trained by BYOL
 alone for the student budget, 10 epochs), the student (the same small_cnn distilled from the teacher by KASSL for
 the same epochs: equal student compute), the student with centred targets (not in the seed) and the seed's
-ablations (no_aug, feature_reduction, both). Every figure
-is on the test split from the final checkpoint (kNN k=20 T=0.07 and a linear probe). Budgets are in epochs, so
-the figures do not depend on the machine's load; training seconds are printed too. Re-running skips finished
-runs and resumes stopped ones (the teacher takes about 100 minutes on a 2-core CPU).
+ablations (no_aug, feature_reduction, both). Every figure is on the test split from the final checkpoint
+(kNN k=20 T=0.07 and a linear probe). Budgets are in epochs, so the figures do not depend on the machine's load;
+training seconds are printed too. Re-running skips finished runs and resumes stopped ones (the teacher takes about
+100 minutes on a 2-core CPU, each student about 20).
+
+`--rows` trains only the rows whose labels start with one of the ';'-separated prefixes (the teacher is always
+kept, trained once with the first seed): e.g. more seeds of the baseline and the student alone. The table shows
+every finished run under `--out`, with its number of seeds, and the student-minus-baseline gap seed by seed.
 """
-import argparse
+import argparse, json
 from pathlib import Path
-from sslkd.experiment import PRESETS, compare, results_markdown, summarize, write_results, comparison_plots
+from sslkd.experiment import PRESETS, _slug, compare, results_markdown, summarize, write_results, comparison_plots
+
+def finished(rows, out):
+    "Every finished run of `rows` under `out`, whatever seeds it was trained with, as `compare` returns them."
+    return [{**json.loads((run / 'results.json').read_text())['rows'][0], 'label': row.label, 'run': str(run)}
+            for row in rows for run in sorted(out.glob(f'{_slug(row.label)}-s*')) if (run / 'results.json').exists()]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='runs/seed002'); p.add_argument('--seeds', default='0', help='comma-separated seeds')
     p.add_argument('--epochs', type=float, default=None, help="epochs of the baseline and the students (default: the preset's)")
+    p.add_argument('--rows', default=None, help="';'-separated label prefixes of the rows to train (default: all)")
     a = p.parse_args()
     preset, out, seeds = PRESETS['seed002'], Path(a.out), [int(s) for s in a.seeds.split(',')]
     epochs = a.epochs or preset.epochs
-    rows = compare(preset.rows, preset.data, out, seeds, epochs=epochs, common={'no_progress': True})
+    todo = [r for r in preset.rows if r.once or a.rows is None or any(r.label.startswith(w) for w in a.rows.split(';'))]
+    if a.rows and len(todo) == sum(r.once for r in preset.rows):
+        p.error(f"--rows {a.rows!r} names no row; the rows are: {'; '.join(r.label for r in preset.rows)}")
+    compare(todo, preset.data, out, seeds, epochs=epochs, common={'no_progress': True})
+    rows = finished(preset.rows, out)
     write_results(out / 'results.json', preset.data, rows)
-    md = results_markdown(rows, preset.data, f'student budget {epochs:g} epochs, seeds {a.seeds}')
+    md = results_markdown(rows, preset.data, f'student budget {epochs:g} epochs, every finished run')
     (out / 'results.md').write_text(md); print('\n' + md)
     s = summarize(rows)
     teacher, baseline = (next(v for k, v in s.items() if k.startswith(w)) for w in ('teacher', 'baseline'))
+    base_of = {r['seed']: r for r in baseline['rows']}
     for label, v in s.items():
         if not label.startswith('student'): continue
-        print(f"{label}: " + '; '.join(
+        print(f"{label} ({v['seeds']} seed{'s' * (v['seeds'] > 1)}): " + '; '.join(
             f"{name} {v[key][0]:.2f} = {100 * v[key][0] / teacher[key][0]:.1f}% of the teacher ({teacher[key][0]:.2f}), "
-            f"{v[key][0] - baseline[key][0]:+.2f} points over the baseline ({baseline[key][0]:.2f})"
+            f"{v[key][0] - baseline[key][0]:+.2f} points over the baseline ({baseline[key][0]:.2f}); seed by seed: " +
+            ', '.join(f"s{r['seed']} {r[key] - base_of[r['seed']][key]:+.2f}" for r in v['rows'] if r['seed'] in base_of)
             for name, key in (('kNN@1', 'knn_top1'), ('linear@1', 'linear_top1')) if v[key] and teacher[key] and baseline[key]))
     print(f"plots: {', '.join(str(q) for q in comparison_plots(rows, out))}")
 
