@@ -9,7 +9,7 @@ __all__ = ['EMBEDDINGS', 'RKD_TERMS', 'RELATIONS', 'ibot_rkd_d', 'ibot_rkd_a', '
 # %% ../nbs/13_ibot_rkd.ipynb #5655fbef
 from dataclasses import dataclass, replace
 import torch, torch.nn as nn, torch.nn.functional as F
-from .rkd import rkd_distance_loss, rkd_angle_loss
+from .rkd import rkd_distance_loss_sets, rkd_angle_loss_sets
 from .metrics import feature_std, effective_rank
 from .dino import _fp32, ema_center_, multicrop_forward, teacher_mode_, step_signals
 from .ibot import iBOT, iBOTConfig, _patch_head
@@ -22,20 +22,14 @@ EMBEDDINGS = {  # (head, backbone features (..., D)) -> the vectors whose relati
 }
 
 # %% ../nbs/13_ibot_rkd.ipynb #74bcdb03
-def _per_set(fn, student, teacher):
-    "Mean of `fn` over the sets of a stack (..., N, D), or `fn` itself for one set (N, D)."
-    if student.ndim == 2: return fn(student, teacher)
-    s, t = student.flatten(0, -3), teacher.flatten(0, -3)
-    return torch.stack([fn(si, ti) for si, ti in zip(s, t)]).mean()
-
-RKD_TERMS = {'d': (('distance', rkd_distance_loss),), 'a': (('angle', rkd_angle_loss),),
-             'da': (('distance', rkd_distance_loss), ('angle', rkd_angle_loss))}
+RKD_TERMS = {'d': (('distance', rkd_distance_loss_sets),), 'a': (('angle', rkd_angle_loss_sets),),
+             'da': (('distance', rkd_distance_loss_sets), ('angle', rkd_angle_loss_sets))}
 
 def rkd_loss(student, teacher, relation='da', distance_weight=1., angle_weight=2.):
     "RKD of student (..., N, Ds) and teacher (..., N, Dt) embeddings, per set then averaged: distance and/or angle terms, weighted."
     if relation not in RKD_TERMS: raise ValueError(f"relation={relation!r}: choose one of {list(RKD_TERMS)}")
     w = dict(distance=distance_weight, angle=angle_weight)
-    return sum(w[name] * _per_set(fn, student, teacher) for name, fn in RKD_TERMS[relation])
+    return sum(w[name] * fn(student, teacher).mean() for name, fn in RKD_TERMS[relation])
 
 # %% ../nbs/13_ibot_rkd.ipynb #c3b1ef75
 def relation_logits(x):
@@ -91,11 +85,11 @@ class iBOTRKD(iBOT):
         "The `cfg.embedding` vectors of backbone features (..., D) through `net`'s `head`."
         return EMBEDDINGS[self.cfg.embedding](head, feats)
 
-    def relational(self, s, t, center, teacher_temp, student_temp):
-        "The relational loss between student (..., N, Ds) and teacher (..., N, Dt) embeddings."
+    def relational(self, s, t, center, teacher_temp, student_temp, t_rel=None):
+        "The relational loss between student (..., N, Ds) and teacher (..., N, Dt) embeddings (`t_rel`: the teacher's relation logits, if known)."
         c = self.cfg
         if c.relation != 'struct': return rkd_loss(_fp32(s), _fp32(t), c.relation, c.distance_weight, c.angle_weight)
-        t_rel = relation_logits(t)
+        t_rel = relation_logits(t) if t_rel is None else t_rel
         return structure_loss(relation_logits(s), t_rel, _row_mean(t_rel) if center is None else center, teacher_temp, student_temp)
 
     def training_step(self, x, g, step, total_steps, log=False):
@@ -120,10 +114,11 @@ class iBOTRKD(iBOT):
                 s_p = self.embed(net, _patch_head(net), _fp32(_masked_images(tok[:, 1:], m)))
                 with torch.no_grad():
                     t_p = self.embed(self.teacher, _patch_head(self.teacher), _fp32(_masked_images(t_tok[:, 1:], m)))
-                    if c.relation == 'struct' and self.training:  # per (position, position) pair: (N*N,) columns
-                        r = relation_logits(t_p)
-                        ema_center_(self.patch_struct_center.view(1, -1), r.masked_fill(torch.isinf(r), 0.).flatten(-2), c.struct_center_momentum)
-                l_patch = self.relational(s_p, t_p, self.patch_struct_center, patch_temp, c.patch_student_temp)
+                    t_rel = relation_logits(t_p) if c.relation == 'struct' else None
+                    if t_rel is not None and self.training:  # per (position, position) pair: (N*N,) columns
+                        ema_center_(self.patch_struct_center.view(1, -1), t_rel.masked_fill(torch.isinf(t_rel), 0.).flatten(-2),
+                                    c.struct_center_momentum)
+                l_patch = self.relational(s_p, t_p, self.patch_struct_center, patch_temp, c.patch_student_temp, t_rel)
             else: l_patch = s_cls.sum() * 0.
         rkd = c.lambda1 * l_cls + c.lambda2 * l_patch
         loss = rkd

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['edge_tol', 'centred_gram', 'gram_edges', 'distance_potential', 'rkd_distance_loss', 'unit_edges', 'angle_potential',
-           'rkd_angle_loss_naive', 'auto_chunk', 'rkd_angle_loss']
+           'rkd_angle_loss_naive', 'auto_chunk', 'rkd_angle_loss', 'rkd_distance_loss_sets', 'rkd_angle_loss_sets']
 
 # %% ../nbs/12_rkd.ipynb #fc3ad6a5
 import torch, torch.nn.functional as F
@@ -15,37 +15,39 @@ def edge_tol(dtype):
     return torch.finfo(dtype).eps ** 0.5
 
 def centred_gram(x):
-    "Gram matrix (N, N) of the rows of `x` (N, D) centred on their mean."
-    xc = x - x.mean(0, keepdim=True)
-    return xc @ xc.T
+    "Gram matrix (N, N) of the rows of `x` (N, D) centred on their mean; (..., N, N) for a stack of sets (..., N, D)."
+    xc = x - x.mean(-2, keepdim=True)
+    return xc @ xc.mT
 
 def gram_edges(G):
-    "Squared edge lengths (N, N) from a centred Gram matrix, and the mask of edges that are not coincident (i != j)."
-    n = G.diagonal()
-    spread = n[:, None] + n[None, :]
+    "Squared edge lengths (..., N, N) from centred Gram matrices, and the mask of edges that are not coincident (i != j)."
+    n = G.diagonal(dim1=-2, dim2=-1)
+    spread = n[..., :, None] + n[..., None, :]
     sq = (spread - 2 * G).clamp_min(0)
     valid = sq > edge_tol(G.dtype) * spread
-    return sq, valid.fill_diagonal_(False)
+    valid.diagonal(dim1=-2, dim2=-1).fill_(False)
+    return sq, valid
 
 def _where_valid(f, sq, valid):
     "f(sq) where valid, 0 elsewhere; masked entries see 1, so no inf/NaN reaches the gradient."
     return torch.where(valid, f(torch.where(valid, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 # %% ../nbs/12_rkd.ipynb #ef58c100
-def _check_pair(student, teacher, min_n, loss):
-    "Validate (N, Ds) student and (N, Dt) teacher features; the compute dtype (float32, or float64 if given)."
+def _check_pair(student, teacher, min_n, loss, sets=False):
+    "Validate (N, Ds) student and (N, Dt) teacher features, or with `sets` stacks of sets (..., N, D); the compute dtype (float32, or float64 if given)."
     for name, x in (('student', student), ('teacher', teacher)):
-        if not torch.is_tensor(x) or x.ndim != 2:
+        if not torch.is_tensor(x) or (x.ndim < 2 if sets else x.ndim != 2):
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{loss}: {name} features must be a 2-D tensor (N, D), got {got}: "
-                             f"flatten each sample's features with x.flatten(1), or pool the tokens first")
+            raise ValueError(f"{loss}: {name} features must be " + (f"a stack of sets (..., N, D), got {got}" if sets else
+                             f"a 2-D tensor (N, D), got {got}: flatten each sample's features with x.flatten(1), or pool the tokens first"))
         if not x.is_floating_point():
             raise TypeError(f"{loss}: {name} features have dtype {x.dtype}: convert them with x.float()")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"{loss}: the student has N={student.shape[0]} samples and the teacher N={teacher.shape[0]}: "
+    if student.shape[:-1] != teacher.shape[:-1]:
+        what = lambda x: f"N={x.shape[0]} samples" if x.ndim == 2 else f"sets of shape {tuple(x.shape[:-1])}"
+        raise ValueError(f"{loss}: the student has {what(student)} and the teacher {what(teacher)}: "
                          f"pass features of the same samples, in the same order")
-    if student.shape[0] < min_n:
-        raise ValueError(f"{loss} needs at least {min_n} samples to form a relation, got N={student.shape[0]}: "
+    if student.shape[-2] < min_n:
+        raise ValueError(f"{loss} needs at least {min_n} samples to form a relation, got N={student.shape[-2]}: "
                          f"use a batch of {min_n} or more")
     if student.device != teacher.device:
         raise ValueError(f"{loss}: student on {student.device} but teacher on {teacher.device}: "
@@ -53,20 +55,24 @@ def _check_pair(student, teacher, min_n, loss):
     return torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
 
 def distance_potential(x):
-    "psi_D (N, N): distances over their mean; 0 on coincident pairs, which are left out of the mean."
+    "psi_D (N, N): distances over their mean; 0 on coincident pairs, which are left out of the mean. Per set for a stack (..., N, D)."
     sq, valid = gram_edges(centred_gram(x))
     d = _where_valid(torch.sqrt, sq, valid)
-    n_valid = valid.sum()
-    mu = d.sum() / n_valid.clamp_min(1)
+    n_valid = valid.sum((-2, -1), keepdim=True)
+    mu = d.sum((-2, -1), keepdim=True) / n_valid.clamp_min(1)
     return d / torch.where(n_valid > 0, mu, torch.ones_like(mu))  # no pair apart: every potential is 0
+
+def _distance_losses(student, teacher, dtype):
+    "RKD-D of each set of validated stacks (..., N, D): (...,)."
+    n = student.shape[-2]
+    with torch.autocast(student.device.type, enabled=False):
+        with torch.no_grad(): target = distance_potential(teacher.detach().to(dtype))
+        huber = F.smooth_l1_loss(distance_potential(student.to(dtype)), target, reduction='none')
+        return huber.sum((-2, -1)) / (n * (n - 1))
 
 def rkd_distance_loss(student, teacher):
     "RKD-D: Huber loss between student and teacher distance potentials, mean over the N(N-1) pairs i != j."
-    dtype = _check_pair(student, teacher, 2, 'rkd_distance_loss')
-    n = student.shape[0]
-    with torch.autocast(student.device.type, enabled=False):
-        with torch.no_grad(): target = distance_potential(teacher.detach().to(dtype))
-        return F.smooth_l1_loss(distance_potential(student.to(dtype)), target, reduction='sum') / (n * (n - 1))
+    return _distance_losses(student, teacher, _check_pair(student, teacher, 2, 'rkd_distance_loss'))
 
 # %% ../nbs/12_rkd.ipynb #eb965247
 def unit_edges(x):
@@ -85,8 +91,8 @@ def angle_potential(x):
 
 def _triplet_count(valid_t):
     "Counted triplets: distinct i, j, k with both teacher edges at apex j valid, sum_j c_j (c_j - 1)."
-    c = valid_t.sum(1)
-    return (c * (c - 1)).sum()
+    c = valid_t.sum(-1)
+    return (c * (c - 1)).sum(-1)
 
 def rkd_angle_loss_naive(student, teacher):
     "RKD-A the official way (N x N x D edges, N x N x N angles by bmm): the reference for `rkd_angle_loss`."
@@ -103,35 +109,36 @@ def rkd_angle_loss_naive(student, teacher):
 
 # %% ../nbs/12_rkd.ipynb #603c4b76
 def _apex_numerators_(out, G, j0, j1):
-    "out[b, i, k] = G_ik - G_ij - G_jk + G_jj for apex j = j0 + b, computed in place."
-    a = G[j0:j1] - 0.5 * G.diagonal()[j0:j1, None]       # G_ji - G_jj / 2, so that num = G_ik - a_i - a_k
-    return torch.sub(G[None], a[:, :, None], out=out).sub_(a[:, None, :])
+    "out[s, b, i, k] = G_ik - G_ij - G_jk + G_jj of set s (G: (S, N, N)) for apex j = j0 + b, computed in place."
+    a = G[:, j0:j1] - 0.5 * G.diagonal(dim1=1, dim2=2)[:, j0:j1, None]  # G_ji - G_jj / 2, so that num = G_ik - a_i - a_k
+    return torch.sub(G[:, None], a[..., :, None], out=out).sub_(a[..., None, :])
 
 def _angle_huber_sum(Gs, ws, Gt, wt, chunk, need_grad):
-    "Sum of Huber(cos_s - cos_t) over all apexes in chunks; with need_grad, also dL/dGs and dL/dws."
-    n = Gs.shape[0]
+    "Per-set sums (S,) of Huber(cos_s - cos_t) over all apexes of (S, N, N) inputs, in chunks; with need_grad, also dL/dGs and dL/dws."
+    S, n = Gs.shape[:2]
     b = min(chunk, n)
-    num_s, cos_s, r_buf = (Gs.new_empty(b, n, n) for _ in range(3))
-    total = Gs.new_zeros(())
+    num_s, cos_s, r_buf = (Gs.new_empty(S * b * n * n) for _ in range(3))  # flat: a shorter last chunk is a contiguous prefix
+    total = Gs.new_zeros(S)
     dG, dw = (torch.zeros_like(Gs), torch.zeros_like(ws)) if need_grad else (None, None)
     for j0 in range(0, n, b):
         j1 = min(j0 + b, n); m = j1 - j0
-        w, v = ws[j0:j1], wt[j0:j1]
-        num = _apex_numerators_(num_s[:m], Gs, j0, j1)
-        cs = torch.mul(num, w[:, :, None], out=cos_s[:m]).mul_(w[:, None, :])
-        ct = _apex_numerators_(r_buf[:m], Gt, j0, j1).mul_(v[:, :, None]).mul_(v[:, None, :])
+        buf = lambda x: x[:S * m * n * n].view(S, m, n, n)
+        w, v = ws[:, j0:j1], wt[:, j0:j1]                   # (S, m, N): row j of each apex
+        num = _apex_numerators_(buf(num_s), Gs, j0, j1)
+        cs = torch.mul(num, w[..., :, None], out=buf(cos_s)).mul_(w[..., None, :])
+        ct = _apex_numerators_(buf(r_buf), Gt, j0, j1).mul_(v[..., :, None]).mul_(v[..., None, :])
         r = torch.sub(cs, ct, out=ct)
-        r.diagonal(dim1=1, dim2=2).zero_()                  # i == k is not counted
+        r.diagonal(dim1=2, dim2=3).zero_()                  # i == k is not counted
         c = torch.clamp(r, -1, 1, out=cs)                   # Huber derivative (beta = 1); cs is not needed any more
-        cf, rf = c.view(-1), r.view(-1)
-        total += torch.dot(cf, rf) - 0.5 * torch.dot(cf, cf)  # sum of Huber(r) = sum c (r - c / 2)
+        cf, rf = c.view(S, 1, -1), r.view(S, -1, 1)
+        total += (torch.bmm(cf, rf) - 0.5 * torch.bmm(cf, cf.mT)).view(S)  # sum of Huber(r) = sum c (r - c / 2)
         if need_grad:
-            dw[j0:j1] += 2 * torch.bmm(num.mul_(c), w[:, :, None]).squeeze(-1)
-            q = c.mul_(w[:, :, None]).mul_(w[:, None, :])
-            dG += q.sum(0)
-            rows = q.sum(2)
-            dG[j0:j1] -= 2 * rows
-            dG.diagonal()[j0:j1] += rows.sum(1)
+            dw[:, j0:j1] += 2 * torch.matmul(num.mul_(c), w[..., None]).squeeze(-1)
+            q = c.mul_(w[..., :, None]).mul_(w[..., None, :])
+            dG += q.sum(1)
+            rows = q.sum(3)
+            dG[:, j0:j1] -= 2 * rows
+            dG.diagonal(dim1=1, dim2=2)[:, j0:j1] += rows.sum(2)
     return total, dG, dw
 
 class _AngleHuberSum(torch.autograd.Function):
@@ -144,25 +151,29 @@ class _AngleHuberSum(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        grad = grad[:, None, None]                          # one incoming gradient per set
         return grad * ctx.dG, grad * ctx.dw, None, None, None
 
 def _gram_inverse_lengths(x):
-    "Centred Gram (N, N), inverse edge lengths w (N, N) (0 on coincident edges) and the valid-edge mask."
+    "Centred Gram (..., N, N), inverse edge lengths w (..., N, N) (0 on coincident edges) and the valid-edge mask."
     G = centred_gram(x)
     sq, valid = gram_edges(G)
     return G, _where_valid(torch.rsqrt, sq, valid), valid
 
-def auto_chunk(n, device):
-    "Apexes per chunk: ~2^19 elements per (chunk, N, N) buffer on CPU (stays in cache), ~2^25 on GPU (fewer launches)."
-    budget = 2 ** 25 if torch.device(device).type == 'cuda' else 2 ** 19
-    return max(1, min(n, budget // (n * n)))
+def _element_budget(device):
+    "Elements per chunk buffer: ~2^19 on CPU (stays in cache), ~2^25 on GPU (fewer launches)."
+    return 2 ** 25 if torch.device(device).type == 'cuda' else 2 ** 19
 
-def rkd_angle_loss(student, teacher, chunk_size=None):
-    "RKD-A, exact, from the Gram matrices in chunks of `chunk_size` apexes (None: `auto_chunk`); no N^3 memory."
-    dtype = _check_pair(student, teacher, 3, 'rkd_angle_loss')
-    if chunk_size is None: chunk_size = auto_chunk(student.shape[0], student.device)
+def auto_chunk(n, device, sets=1):
+    "Apexes per chunk so that a (sets, chunk, N, N) buffer fits the device's element budget."
+    return max(1, min(n, _element_budget(device) // (sets * n * n)))
+
+def _check_chunk(chunk_size, loss):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"rkd_angle_loss: chunk_size={chunk_size!r} must be a positive int (apexes per chunk) or None")
+        raise ValueError(f"{loss}: chunk_size={chunk_size!r} must be a positive int (apexes per chunk) or None")
+
+def _angle_losses(student, teacher, dtype, chunk_size):
+    "RKD-A of each set of validated stacks (S, N, D): (S,)."
     with torch.autocast(student.device.type, enabled=False):
         with torch.no_grad(): Gt, wt, valid_t = _gram_inverse_lengths(teacher.detach().to(dtype))
         Gs, ws, _ = _gram_inverse_lengths(student.to(dtype))
@@ -170,3 +181,26 @@ def rkd_angle_loss(student, teacher, chunk_size=None):
         if torch.is_grad_enabled() and Gs.requires_grad: total = _AngleHuberSum.apply(Gs, ws, Gt, wt, chunk_size)
         else: total = _angle_huber_sum(Gs, ws, Gt, wt, chunk_size, need_grad=False)[0]
         return total / _triplet_count(valid_t).clamp_min(1)
+
+def rkd_angle_loss(student, teacher, chunk_size=None):
+    "RKD-A, exact, from the Gram matrices in chunks of `chunk_size` apexes (None: `auto_chunk`); no N^3 memory."
+    dtype = _check_pair(student, teacher, 3, 'rkd_angle_loss')
+    if chunk_size is None: chunk_size = auto_chunk(student.shape[0], student.device)
+    _check_chunk(chunk_size, 'rkd_angle_loss')
+    return _angle_losses(student[None], teacher[None], dtype, chunk_size)[0]
+
+# %% ../nbs/12_rkd.ipynb #26604013
+def rkd_distance_loss_sets(student, teacher):
+    "RKD-D of each set of a stack (..., N, D), all at once: the losses (...,)."
+    return _distance_losses(student, teacher, _check_pair(student, teacher, 2, 'rkd_distance_loss_sets', sets=True))
+
+def rkd_angle_loss_sets(student, teacher, chunk_size=None):
+    "RKD-A of each set of a stack (..., N, D), all at once: the losses (...,); `chunk_size` apexes per chunk (None: `auto_chunk`)."
+    dtype = _check_pair(student, teacher, 3, 'rkd_angle_loss_sets', sets=True)
+    if chunk_size is not None: _check_chunk(chunk_size, 'rkd_angle_loss_sets')
+    lead, n = student.shape[:-2], student.shape[-2]
+    s, t = student.reshape(-1, n, student.shape[-1]), teacher.reshape(-1, n, teacher.shape[-1])
+    group = max(1, _element_budget(s.device) // (n * n))  # sets per group: even one apex of each stays in the budget
+    losses = [_angle_losses(s[i:i + group], t[i:i + group], dtype, chunk_size or auto_chunk(n, s.device, len(s[i:i + group])))
+              for i in range(0, len(s), group)]
+    return torch.cat(losses).view(lead) if losses else s.new_zeros(lead, dtype=dtype)
