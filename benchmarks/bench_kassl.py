@@ -13,7 +13,8 @@ training seconds are printed too. Re-running skips finished runs and resumes sto
 
 `--rows` trains only the rows whose labels start with one of the ';'-separated prefixes (the teacher is always
 kept, trained once with the first seed): e.g. more seeds of the baseline and the student alone. The table shows
-every finished run under `--out`, with its number of seeds, and the student-minus-baseline gap seed by seed.
+every finished run under `--out`, with its number of seeds; each student is compared with the baseline trained with the
+same seeds (paired: the gap seed by seed, and its mean).
 """
 import argparse, json
 from pathlib import Path
@@ -45,11 +46,13 @@ def main():
     base_of = {r['seed']: r for r in baseline['rows']}
     for label, v in s.items():
         if not label.startswith('student'): continue
+        def versus(key):  # paired by seed: a row trained with seed 0 only is compared with the baseline's seed 0
+            gaps = {r['seed']: r[key] - base_of[r['seed']][key] for r in v['rows'] if r['seed'] in base_of}
+            return (f"{sum(gaps.values()) / len(gaps):+.2f} points over the baseline of the same seeds (" +
+                    ', '.join(f's{seed} {gap:+.2f}' for seed, gap in gaps.items()) + ')') if gaps else 'no baseline of the same seeds'
         print(f"{label} ({v['seeds']} seed{'s' * (v['seeds'] > 1)}): " + '; '.join(
-            f"{name} {v[key][0]:.2f} = {100 * v[key][0] / teacher[key][0]:.1f}% of the teacher ({teacher[key][0]:.2f}), "
-            f"{v[key][0] - baseline[key][0]:+.2f} points over the baseline ({baseline[key][0]:.2f}); seed by seed: " +
-            ', '.join(f"s{r['seed']} {r[key] - base_of[r['seed']][key]:+.2f}" for r in v['rows'] if r['seed'] in base_of)
-            for name, key in (('kNN@1', 'knn_top1'), ('linear@1', 'linear_top1')) if v[key] and teacher[key] and baseline[key]))
+            f"{name} {v[key][0]:.2f} = {100 * v[key][0] / teacher[key][0]:.1f}% of the teacher ({teacher[key][0]:.2f}), {versus(key)}"
+            for name, key in (('kNN@1', 'knn_top1'), ('linear@1', 'linear_top1')) if v[key] and teacher[key]))
     print(f"plots: {', '.join(str(q) for q in comparison_plots(rows, out))}")
 
 if __name__ == '__main__': main()
