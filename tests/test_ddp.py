@@ -1,5 +1,6 @@
 "DDP on CPU (gloo): 2 processes with batch B/2 each take the same steps as 1 process with batch B."
 import json, os, socket, time, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from sslkd.data import ImageData
@@ -33,16 +34,22 @@ def images(n=64):
     return ImageData(x, torch.zeros(n, dtype=torch.long), ['a'], *STATS)
 
 
-def worker(rank, world, port, path):
+@contextmanager
+def process_group(rank, world, port):
+    "This spawned process as rank `rank` of a gloo group on this machine, one thread, destroyed on exit."
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
     dist.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    try: yield
+    finally: dist.destroy_process_group()
+
+
+def worker(rank, world, port, path):
+    with process_group(rank, world, port):
         m = make(seed=rank)  # rank 1 starts from other weights: DDP must start it from rank 0's
         fit(m, images(), TrainConfig(batch_size=16 // world, **CFG))
         if rank == 0: torch.save(m.state_dict(), path)
-    finally: dist.destroy_process_group()
 
 
 def free_port():
@@ -73,15 +80,10 @@ class SlowRankViews(MirrorViews):
 
 
 def budget_worker(rank, world, port, folder):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    warnings.simplefilter('ignore')
-    dist.init_process_group('gloo', rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         m = make(seed=0); m.augment = SlowRankViews()
         res = fit(m, images(256), TrainConfig(batch_size=8, **{**CFG, 'minutes': 0.03}), out=Path(folder) if rank == 0 else None)
         torch.save({'steps': res['steps'], 'total_steps': res['total_steps']}, Path(folder) / f'rank{rank}.pt')
-    finally: dist.destroy_process_group()
 
 
 def test_time_budget_decisions_are_the_same_on_every_rank(tmp_path):
