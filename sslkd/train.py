@@ -16,10 +16,47 @@ from .evaluate import extract_features, knn_accuracy
 from .metrics import collapse_warning
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'REPLAN_AT', 'SIGNAL_KEYS', 'TrainConfig', 'resolve_device', 'param_groups', 'lr_wd_at',
-           'is_main_process', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state', 'set_rng_state',
-           'TrainingDiverged', 'check_finite', 'train_step', 'ddp_wrap', 'init_distributed', 'knn_eval', 'replan_steps',
-           'fit']
+__all__ = ['CHECKPOINT_FORMAT', 'REPLAN_AT', 'SIGNAL_KEYS', 'fp32', 'is_distributed', 'NoConfig', 'Method', 'TrainConfig',
+           'resolve_device', 'param_groups', 'lr_wd_at', 'is_main_process', 'save_checkpoint', 'CheckpointError',
+           'load_checkpoint', 'rng_state', 'set_rng_state', 'TrainingDiverged', 'check_finite', 'train_step',
+           'ddp_wrap', 'init_distributed', 'knn_eval', 'replan_steps', 'fit']
+
+# %% ../nbs/11_train.ipynb #4cce8c3a
+def fp32(x):
+    "At least float32 (float64 stays float64): losses and softmaxes are computed in fp32 under autocast."
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+def is_distributed():
+    "True inside a process group (torchrun with several processes)."
+    return dist.is_available() and dist.is_initialized()
+
+# %% ../nbs/11_train.ipynb #446d8561
+@dataclass
+class NoConfig:
+    "Settings of a method that has none."
+
+class Method(nn.Module):
+    "What `fit` trains: `student`, `training_step`, `after_backward`, `after_step` and `eval_backbone`."
+    config_cls = NoConfig  # the dataclass of the method's settings (`--set KEY=VALUE` fills it)
+
+    def __init__(self, backbone, img_size, channels, mean, std, cfg=None):
+        super().__init__()
+        self.cfg = self.config_cls() if cfg is None else cfg
+        self.student = backbone  # a subclass replaces it with the backbone and its heads
+
+    def training_step(self, x, g, step, total_steps, log=False):
+        "Loss of the uint8 batch `x` (augmented with generator `g`) and a dict of logs."
+        raise NotImplementedError(f"{type(self).__name__} must define training_step")
+
+    def after_backward(self, step, total_steps, steps_per_epoch):
+        "Called between backward and the optimiser step (e.g. to cancel gradients)."
+
+    def after_step(self, step, total_steps):
+        "Called after the optimiser step (e.g. the EMA teacher update)."
+
+    def eval_backbone(self):
+        "The backbone whose features are evaluated."
+        return self.student
 
 # %% ../nbs/11_train.ipynb #b6caaa95
 @dataclass
