@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from .rkd import rkd_distance_loss_sets, rkd_angle_loss_sets
 from .metrics import feature_std, effective_rank
-from .dino import _fp32, ema_center_, multicrop_forward, teacher_mode_, step_signals
+from .train import fp32
+from .dino import ema_center_, multicrop_forward, teacher_mode_, step_signals
 from .ibot import iBOT, iBOTConfig, _patch_head
 
 # %% ../nbs/13_ibot_rkd.ipynb #9f6885e9
@@ -34,7 +35,7 @@ def rkd_loss(student, teacher, relation='da', distance_weight=1., angle_weight=2
 # %% ../nbs/13_ibot_rkd.ipynb #c3b1ef75
 def relation_logits(x):
     "-psi_D: minus the pairwise distances of each set (..., N, D) over their mean, as (..., N, N) logits with -inf on the diagonal."
-    x = _fp32(x)
+    x = fp32(x)
     d = torch.cdist(x, x)
     n = x.shape[-2]
     off = ~torch.eye(n, dtype=torch.bool, device=x.device)
@@ -88,7 +89,7 @@ class iBOTRKD(iBOT):
     def relational(self, s, t, center, teacher_temp, student_temp, t_rel=None):
         "The relational loss between student (..., N, Ds) and teacher (..., N, Dt) embeddings (`t_rel`: the teacher's relation logits, if known)."
         c = self.cfg
-        if c.relation != 'struct': return rkd_loss(_fp32(s), _fp32(t), c.relation, c.distance_weight, c.angle_weight)
+        if c.relation != 'struct': return rkd_loss(fp32(s), fp32(t), c.relation, c.distance_weight, c.angle_weight)
         t_rel = relation_logits(t) if t_rel is None else t_rel
         return structure_loss(relation_logits(s), t_rel, _row_mean(t_rel) if center is None else center, teacher_temp, student_temp)
 
@@ -105,15 +106,15 @@ class iBOTRKD(iBOT):
             teacher_mode_(self.teacher)
             t_tok = self.teacher.backbone.forward_features(glob)
         with torch.autocast(x.device.type, enabled=False):   # relations are normalised: fp32
-            s_cls = self.embed(net, net.head, _fp32(cls)).view(V, B, -1)
-            with torch.no_grad(): t_cls = self.embed(self.teacher, self.teacher.head, _fp32(t_tok[:, 0])).view(G, B, -1)
+            s_cls = self.embed(net, net.head, fp32(cls)).view(V, B, -1)
+            with torch.no_grad(): t_cls = self.embed(self.teacher, self.teacher.head, fp32(t_tok[:, 0])).view(G, B, -1)
             pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
             l_cls = sum(self.relational(s_cls[v], t_cls[i], None, temp, c.student_temp) for i, v in pairs) / len(pairs)
             m = mask.view(G * B, -1)
             if m.any():
-                s_p = self.embed(net, _patch_head(net), _fp32(_masked_images(tok[:, 1:], m)))
+                s_p = self.embed(net, _patch_head(net), fp32(_masked_images(tok[:, 1:], m)))
                 with torch.no_grad():
-                    t_p = self.embed(self.teacher, _patch_head(self.teacher), _fp32(_masked_images(t_tok[:, 1:], m)))
+                    t_p = self.embed(self.teacher, _patch_head(self.teacher), fp32(_masked_images(t_tok[:, 1:], m)))
                     t_rel = relation_logits(t_p) if c.relation == 'struct' else None
                     if t_rel is not None and self.training:  # per (position, position) pair: (N*N,) columns
                         ema_center_(self.patch_struct_center.view(1, -1), t_rel.masked_fill(torch.isinf(t_rel), 0.).flatten(-2),
@@ -136,7 +137,7 @@ class iBOTRKD(iBOT):
                 logs.update({k: v.item() for k, v in self.loss.parts.items()})
                 logs.update(step_signals(self.loss.teacher_probs, s_logits, c.student_temp, t_tok[:, 0]))
             else:  # no prototypes are trained: the features are what can collapse
-                f = _fp32(t_tok[:, 0])
+                f = fp32(t_tok[:, 0])
                 logs.update(feature_std=feature_std(f), effective_rank=effective_rank(f),
                             embedding_effective_rank=effective_rank(t_cls.flatten(0, 1)))
         return loss, logs

@@ -14,7 +14,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from .heads import DINOHead
 from .teacher import make_teacher, cosine_schedule
 from .vit import ViT, _init_weights as _vit_init_weights
-from .dino import (DINO, DINOConfig, _fp32, center_sharpen, ema_center_, multicrop_cross_entropy, multicrop_views,
+from .train import fp32
+from .dino import (DINO, DINOConfig, center_sharpen, ema_center_, multicrop_cross_entropy, multicrop_views,
                         multicrop_forward, teacher_mode_, ema_update_params, step_signals)
 
 # %% ../nbs/14_multiteacher.ipynb #9be3afd7
@@ -212,7 +213,7 @@ class MultiTeacher(DINO):
         with torch.autocast(x.device.type, enabled=False):
             parts = {}
             for key, s_logits in s.items():
-                ls = F.log_softmax(_fp32(s_logits).view(V, B, -1) / cfg.student_temp, dim=-1)
+                ls = F.log_softmax(fp32(s_logits).view(V, B, -1) / cfg.student_temp, dim=-1)
                 q = torch.stack([center_sharpen(o[key].view(G, B, -1), getattr(slot, centers[key]), temp)
                                  for (_, slot, _), (_, o) in zip(teachers, t_out)])
                 parts[key] = (ls, q, *multi_teacher_loss(ls, q, cfg.aggregate))
