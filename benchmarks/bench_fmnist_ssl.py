@@ -13,12 +13,13 @@ CNN the contrastive methods start from). Each run is compared with the untrained
 patch size and seed, when that row is in the table.
 
 Runs are stored in OUT/METHOD-sSEED; re-running skips runs whose results.json exists (delete it to start again).
-Anything after `--` goes to `sslkd train` (e.g. `-- --set n_local=0`, or `-- --arch small_cnn` for every row).
+Anything after `--` is a method setting for every row, as with `sslkd train --set` (e.g. `-- n_local=0`).
 Time budgets are only honest on an otherwise idle machine: the number of steps is fixed from the first steps' speed.
 """
 import argparse
 from pathlib import Path
-from sslkd.experiment import Row, compare, results_markdown, comparison_plots, write_results
+from sslkd.registry import parse_overrides, method_spec
+from sslkd.runner import Row, run_rows, results_markdown, comparison_plots, write_results
 from sslkd.viz import read_metrics, step_records, eval_records
 
 RAW_PIXELS_KNN = 86.05  # weighted kNN on mean-centred raw pixels, k=20, T=0.07 (tests/test_evaluate.py)
@@ -39,11 +40,13 @@ def main():
     p.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2')
     p.add_argument('--out', default='runs/bench_fmnist')
     p.add_argument('--eval-every', type=float, default=0.25, help='kNN on the test split every this many epochs (the curve)')
-    p.add_argument('extra', nargs='*', help='more `sslkd train` options, after --')
+    p.add_argument('settings', nargs='*', help='KEY=VALUE settings of every row\'s method, after --')
     a = p.parse_args()
     seeds, out = [int(s) for s in a.seeds.split(',')], Path(a.out)
-    rows = compare([_row(m) for m in a.methods.split(',')], 'fashion_mnist', out, seeds, minutes=a.minutes,
-                   common={'eval_every': a.eval_every, 'no_progress': True}, extra=a.extra)
+    todo = [_row(m) for m in a.methods.split(',')]
+    for r in todo: r.args['settings'] = parse_overrides(a.settings, method_spec(r.method).config)
+    rows = run_rows(todo, 'fashion_mnist', out, seeds, minutes=a.minutes,
+                    common={'eval_every': a.eval_every, 'progress': False})
     write_results(out / 'results.json', 'fashion_mnist', rows)
     md = results_markdown(rows, 'fashion_mnist', f'{a.minutes:g} min per run, seeds {a.seeds}')
     (out / 'results.md').write_text(md); print('\n' + md)

@@ -1,11 +1,11 @@
-"""Seed 002's KASSL table on real Fashion-MNIST, on this machine: `sslkd compare --preset seed002`, then how far
+"""The KASSL table on real Fashion-MNIST, on this machine: `sslkd compare --preset kassl`, then how far
 each student gets relative to the teacher and to the baseline.
 
-    python benchmarks/bench_kassl.py [--out runs/seed002] [--seeds 0] [--epochs 10] [--rows 'baseline;student (kassl)']
+    python benchmarks/bench_kassl.py [--out runs/kassl] [--seeds 0] [--epochs 10] [--rows 'baseline;student (kassl)']
 
 Rows (the preset): the teacher (wide_cnn trained by BYOL for 30 epochs), the baseline (small_cnn trained by BYOL
 alone for the student budget, 10 epochs), the student (the same small_cnn distilled from the teacher by KASSL for
-the same epochs: equal student compute), the student with centred targets (not in the seed) and the seed's
+the same epochs: equal student compute), the student with centred targets (not in the KASSL study) and the study's
 ablations (no_aug, feature_reduction, both). Every figure is on the test split from the final checkpoint
 (kNN k=20 T=0.07 and a linear probe). Budgets are in epochs, so the figures do not depend on the machine's load;
 training seconds are printed too. Re-running skips finished runs and resumes stopped ones (the teacher takes about
@@ -18,7 +18,7 @@ same seeds (paired: the gap seed by seed, and its mean).
 """
 import argparse, json
 from pathlib import Path
-from sslkd.experiment import PRESETS, _slug, compare, results_markdown, summarize, write_results, comparison_plots
+from sslkd.runner import PRESETS, _slug, run_rows, results_markdown, summarize, write_results, comparison_plots
 
 def finished(rows, out):
     "Every finished run of `rows` under `out`, whatever seeds it was trained with, as `compare` returns them."
@@ -27,16 +27,16 @@ def finished(rows, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--out', default='runs/seed002'); p.add_argument('--seeds', default='0', help='comma-separated seeds')
+    p.add_argument('--out', default='runs/kassl'); p.add_argument('--seeds', default='0', help='comma-separated seeds')
     p.add_argument('--epochs', type=float, default=None, help="epochs of the baseline and the students (default: the preset's)")
     p.add_argument('--rows', default=None, help="';'-separated label prefixes of the rows to train (default: all)")
     a = p.parse_args()
-    preset, out, seeds = PRESETS['seed002'], Path(a.out), [int(s) for s in a.seeds.split(',')]
+    preset, out, seeds = PRESETS['kassl'], Path(a.out), [int(s) for s in a.seeds.split(',')]
     epochs = a.epochs or preset.epochs
     todo = [r for r in preset.rows if r.once or a.rows is None or any(r.label.startswith(w) for w in a.rows.split(';'))]
     if a.rows and len(todo) == sum(r.once for r in preset.rows):
         p.error(f"--rows {a.rows!r} names no row; the rows are: {'; '.join(r.label for r in preset.rows)}")
-    compare(todo, preset.data, out, seeds, epochs=epochs, common={'no_progress': True})
+    run_rows(todo, preset.data, out, seeds, epochs=epochs, common={'progress': False})
     rows = finished(preset.rows, out)
     write_results(out / 'results.json', preset.data, rows)
     md = results_markdown(rows, preset.data, f'student budget {epochs:g} epochs, every finished run')
