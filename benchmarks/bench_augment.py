@@ -6,11 +6,15 @@
 Inputs: Fashion-MNIST-shaped (1x28x28, 2 x 28 + 6 x 14 views) and CIFAR-shaped (3x32x32, 2 x 32 + 6 x 16 views)
 uint8 batches. The per-image loop draws each image's parameters and applies them with the per-image reference ops
 (`sample_view_params` on one image + `augment_one_image_reference` + `normalize`), as a DataLoader worker would;
-the batched version is `MultiCrop.__call__`. Reports the median over repeats, after a warm-up.
+the batched version is `MultiCrop.__call__`. Reports the median over repeats, after a warm-up. The per-image
+reference ops are the ones the tests check the batched ops against, so they live in tests/test_augment.py.
 """
-import argparse, statistics, time
+import argparse, statistics, sys, time
+from pathlib import Path
 import torch
-from sslkd.augment import dino_augment, sample_view_params, augment_one_image_reference, normalize
+from sslkd.augment import dino_augment, sample_view_params, normalize
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
+from test_augment import augment_one_image_reference
 
 CONFIGS = [('Fashion-MNIST 1x28x28', 1, 28, (0.2860,), (0.3530,)),
            ('CIFAR 3x32x32', 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
@@ -40,7 +44,8 @@ def median_seconds(fn, repeats, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--device', default='cpu', help='device of the batched version (cpu, cuda, cuda:1, ...)')
-    ap.add_argument('--loop-device', default='cpu', help='device of the per-image loop (where DataLoader workers run: cpu)')
+    ap.add_argument('--loop-device', default='cpu',
+                    help='device of the per-image loop (where DataLoader workers run: cpu)')
     ap.add_argument('--batch', type=int, default=256)
     ap.add_argument('--n-local', type=int, default=6)
     ap.add_argument('--repeats', type=int, default=10, help='timed repeats of the batched version')
