@@ -46,7 +46,8 @@ def main():
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--steps', type=int, default=None, help='timed steps (default 20 on CUDA, 5 on CPU)')
     ap.add_argument('--warmup', type=int, default=None, help='warm-up steps (default 5 on CUDA, 2 on CPU)')
-    ap.add_argument('--archs', default=None, help='comma-separated subset of ' + ','.join(dict.fromkeys(a for a, _, _ in ROWS)))
+    all_archs = ','.join(dict.fromkeys(a for a, _, _ in ROWS))
+    ap.add_argument('--archs', default=None, help='comma-separated subset of ' + all_archs)
     ap.add_argument('--sweep-nano', action='store_true', help='also time candidate nano configs at 28 px, 1 channel')
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -54,8 +55,10 @@ def main():
     if a.amp and cpu: print('note: --amp is for CUDA; on CPU bf16 autocast is usually slower')
     steps, warmup = a.steps or (5 if cpu else 20), a.warmup or (2 if cpu else 5)
     archs = a.archs.split(',') if a.archs else None
-    print(f'torch {torch.__version__}, device {device}' + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else
-          f', {torch.get_num_threads()} threads') + f', amp={a.amp}, {warmup} warm-up + {steps} timed steps, AdamW step included')
+    cuda = device.type == 'cuda'
+    where = f' ({torch.cuda.get_device_name(device)})' if cuda else f', {torch.get_num_threads()} threads'
+    print(f'torch {torch.__version__}, device {device}{where}, amp={a.amp}, {warmup} warm-up + {steps} timed steps, '
+          'AdamW step included')
     print(f"{'arch':10} {'input':>9} {'params':>11} {'batch':>6} {'img/s':>9}")
     for arch, size, ch in ROWS:
         if archs and arch not in archs: continue

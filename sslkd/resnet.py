@@ -39,7 +39,7 @@ class Bottleneck(nn.Module):
 
 # %% ../nbs/03_resnet.ipynb #2b31aed9
 class ResNet(nn.Module):
-    "ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool); returns globally average-pooled features (B, embed_dim)."
+    "ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool); returns global-average-pooled features (B, embed_dim)."
     def __init__(self, block, layers, in_chans=3, widths=(64, 128, 256, 512)):
         super().__init__()
         self.in_chans = in_chans
@@ -104,7 +104,8 @@ def small_cnn(in_chans=1):
     return SmallCNN(in_chans)
 
 def wide_cnn(in_chans=1):
-    "`small_cnn` at twice the width (64-128-256-512 channels, ~1.55M parameters, 4x the compute), 512-d features: a larger teacher on a CPU."
-    return SmallCNN(in_chans, widths=(64, 128, 256, 512))
+    "`small_cnn` at twice the width (64-128-256-512 channels, ~1.55M parameters, 4x the compute), 512-d features."
+    return SmallCNN(in_chans, widths=(64, 128, 256, 512))  # a larger teacher that still runs on a CPU
 
-resnet_archs = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50, 'small_cnn': small_cnn, 'wide_cnn': wide_cnn}
+resnet_archs = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
+                'small_cnn': small_cnn, 'wide_cnn': wide_cnn}

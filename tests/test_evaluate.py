@@ -53,13 +53,15 @@ def test_topk_accuracy_values():
 
 def test_knn_invariant_to_feature_scale():
     g = torch.Generator().manual_seed(1)
-    trf, trl, tef = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g), torch.randn(9, 6, generator=g)
+    trf, trl = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    tef = torch.randn(9, 6, generator=g)
     torch.testing.assert_close(knn_predict(trf * 7.5, trl, tef * 0.01), knn_predict(trf, trl, tef), rtol=1e-5, atol=0)
 
 
 def test_knn_rejects_mismatch():
-    with pytest.raises(ValueError, match='dim'): knn_predict(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 4))
-    with pytest.raises(ValueError, match='labels'): knn_predict(torch.randn(5, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3))
+    labels = lambda n: torch.zeros(n, dtype=torch.long)
+    with pytest.raises(ValueError, match='dim'): knn_predict(torch.randn(5, 3), labels(5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match='labels'): knn_predict(torch.randn(5, 3), labels(4), torch.randn(2, 3))
 
 
 def test_extract_features_eval_mode_and_batches():

@@ -30,7 +30,7 @@ def test_shapes_and_layers(nlayers):
     assert torch.equal(head.embed(x), z)
 
 
-def test_contract_defaults():
+def test_dino_defaults():
     with torch.device('meta'):
         h = DINOHead(384)
     assert h.out_dim == 4096 and h.bottleneck_dim == 256

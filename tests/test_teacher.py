@@ -33,8 +33,8 @@ def test_make_teacher_vit_head():
     from sslkd.vit import ViT
     from sslkd.heads import DINOHead
     torch.manual_seed(0)
-    s = nn.Sequential(ViT(img_size=12, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, drop_path_rate=0.5),
-                      DINOHead(16, 10, hidden_dim=8, bottleneck_dim=4))
+    vit = ViT(img_size=12, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, drop_path_rate=0.5)
+    s = nn.Sequential(vit, DINOHead(16, 10, hidden_dim=8, bottleneck_dim=4))
     t = make_teacher(s)
     assert not storages(s) & storages(t)
     x = torch.randn(2, 1, 12, 12)
