@@ -1,6 +1,7 @@
 """Training throughput (images/s) of the dino and ibot steps with the Fashion-MNIST defaults.
 
-    python benchmarks/bench_train_step.py [--device cuda] [--methods dino,ibot] [--batch-size N] [--patch P] [--set KEY=VALUE ...]
+    python benchmarks/bench_train_step.py [--device cuda] [--methods dino,ibot] [--batch-size N] [--patch P]
+                                          [--set KEY=VALUE ...]
 
 A step is what `sslkd train` does per batch: multi-crop augmentation, student and teacher forward, loss,
 backward, gradient clipping, AdamW, EMA teacher update. Median of the timed steps after warm-up.
@@ -9,7 +10,7 @@ import argparse, statistics, time
 import torch
 from sslkd.data import ImageData
 from sslkd.data import FASHION_MEAN, FASHION_STD
-from sslkd.experiment import describe, build_method, dataset_defaults, parse_overrides, METHODS
+from sslkd.registry import describe, build_method, dataset_defaults, parse_overrides, METHODS
 from sslkd.train import TrainConfig, train_step, param_groups, resolve_device
 
 def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, overrides=()):
@@ -37,7 +38,8 @@ def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, ov
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu'); p.add_argument('--methods', default='dino,ibot')
-    p.add_argument('--data', default='fashion_mnist'); p.add_argument('--batch-size', type=int, default=None, help='default: the dataset default')
+    p.add_argument('--data', default='fashion_mnist')
+    p.add_argument('--batch-size', type=int, default=None, help='default: the dataset default')
     p.add_argument('--steps', type=int, default=5); p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--patch', type=int, default=None, help='ViT patch size (default: the dataset default)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='method setting, as in sslkd train')
@@ -46,4 +48,5 @@ if __name__ == '__main__':
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, {a.data} defaults")
     for m in a.methods.split(','):
         arch, patch, bs, ips = bench(m, a.data, dev, a.batch_size, a.steps, a.warmup, a.patch, a.set)
-        print(f"{m:16s} {arch} patch {patch} batch {bs}: {ips:8.1f} images/s" + (f"  ({' '.join(a.set)})" if a.set else ''))
+        extra = f"  ({' '.join(a.set)})" if a.set else ''
+        print(f"{m:16s} {arch} patch {patch} batch {bs}: {ips:8.1f} images/s" + extra)

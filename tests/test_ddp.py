@@ -82,12 +82,14 @@ class SlowRankViews(MirrorViews):
 def budget_worker(rank, world, port, folder):
     with process_group(rank, world, port):
         m = make(seed=0); m.augment = SlowRankViews()
-        res = fit(m, images(256), TrainConfig(batch_size=8, **{**CFG, 'minutes': 0.03}), out=Path(folder) if rank == 0 else None)
+        res = fit(m, images(256), TrainConfig(batch_size=8, **{**CFG, 'minutes': 0.03}),
+                  out=Path(folder) if rank == 0 else None)
         torch.save({'steps': res['steps'], 'total_steps': res['total_steps']}, Path(folder) / f'rank{rank}.pt')
 
 
 def test_time_budget_decisions_are_the_same_on_every_rank(tmp_path):
-    "Planning, the two re-plans and the stop at the budget use the slowest rank's time: no rank waits for another forever."
+    """Planning, the two re-plans and the stop at the budget use the slowest rank's time: no rank waits for another
+    forever."""
     mp.spawn(budget_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert r0 == r1 and r0['steps'] > 0

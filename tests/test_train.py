@@ -59,7 +59,8 @@ def test_resume_is_exact(tmp_path):
     fit(straight, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'a')
     # the same run interrupted (Ctrl-C) in the first step of epoch 2, then resumed from the epoch-1 checkpoint
     broken = ToyMethod(interrupt_at=6)
-    with pytest.raises(KeyboardInterrupt): fit(broken, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'b')
+    with pytest.raises(KeyboardInterrupt):
+        fit(broken, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'b')
     assert load_checkpoint(tmp_path / 'b' / 'checkpoint.pt')['step'] == 6  # the last good one: end of epoch 1
     resumed = ToyMethod()
     res = fit(resumed, data, TrainConfig(**CFG), eval_data=toy_data(30, 1), out=tmp_path / 'b', resume=True)
@@ -119,9 +120,11 @@ def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
 def test_resume_refuses_other_configuration(tmp_path):
     fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, meta={'method': 'toy', 'arch': 'mlp'})
     with pytest.raises(CheckpointError, match=r'lr: checkpoint 0.01 vs now 0.02'):
-        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'lr': 2e-2}), out=tmp_path, resume=True, meta={'method': 'toy', 'arch': 'mlp'})
+        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'lr': 2e-2}), out=tmp_path, resume=True,
+            meta={'method': 'toy', 'arch': 'mlp'})
     with pytest.raises(CheckpointError, match=r'meta.arch'):
-        fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, resume=True, meta={'method': 'toy', 'arch': 'vit'})
+        fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, resume=True,
+            meta={'method': 'toy', 'arch': 'vit'})
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -167,10 +170,12 @@ def test_param_groups_skip_norms_biases_tokens():
 
 
 class Collapsing(ToyMethod):
-    "Reports the signals of a uniformly collapsed teacher (numbers that change, a mode that does not): the loop must warn once and log it."
+    """Reports the signals of a uniformly collapsed teacher (numbers that change, a mode that does not): the loop must
+    warn once and log it."""
     def training_step(self, x, g, step, total_steps, log=False):
         loss, logs = super().training_step(x, g, step, total_steps, log)
-        if log: logs.update(teacher_entropy=6.7 + 0.01 * step, teacher_mean_entropy=6.93, ln_K=6.93, kl_teacher_student=0.001,
+        if log: logs.update(teacher_entropy=6.7 + 0.01 * step, teacher_mean_entropy=6.93, ln_K=6.93,
+                            kl_teacher_student=0.001,
                             agreement=0.1, feature_std=0.05, effective_rank=10.0)
         return loss, logs
 
@@ -187,14 +192,16 @@ def test_collapse_is_warned_and_logged(tmp_path, capsys):
 
 def test_fractional_eval_every_gives_a_curve(tmp_path):
     "eval_every=0.5 on 6 steps per epoch: kNN after steps 3, 6, 9 and 12 (the last is the final evaluation)."
-    res = fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0.5}), eval_data=toy_data(30, 1), out=tmp_path)
+    res = fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0.5}), eval_data=toy_data(30, 1),
+              out=tmp_path)
     lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     evals = [l for l in lines if 'knn_top1' in l]
     assert [l['step'] for l in evals] == [3, 6, 9, 12]
     assert [l['epochs_done'] for l in evals] == [0.5, 1.0, 1.5, 2.0]
     assert [r['step'] for r in res['history'] if 'knn_top1' in r] == [3, 6, 9, 12]
     # evaluation only at the end
-    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0}), eval_data=toy_data(30, 1), out=tmp_path / 'end')
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'eval_every': 0}), eval_data=toy_data(30, 1),
+        out=tmp_path / 'end')
     lines = [json.loads(l) for l in (tmp_path / 'end' / 'metrics.jsonl').read_text().splitlines()]
     assert [l['step'] for l in lines if 'knn_top1' in l] == [12]
 
@@ -224,7 +231,8 @@ class Drifting(ToyMethod):
         return super().training_step(x, g, step, total_steps, log)
 
 
-def _events(out, kind): return [r for r in map(json.loads, (out / 'metrics.jsonl').read_text().splitlines()) if r.get('event') == kind]
+def _events(out, kind):
+    return [r for r in map(json.loads, (out / 'metrics.jsonl').read_text().splitlines()) if r.get('event') == kind]
 
 
 @pytest.mark.parametrize('first,later', [(0.01, 0.03), (0.03, 0.01)], ids=['slower', 'faster'])
@@ -236,7 +244,8 @@ def test_time_budget_replans_when_the_speed_drifts(tmp_path, monkeypatch, first,
     planned = _events(tmp_path, 'start')[0]['total_steps']
     assert planned == round(3 / first)  # from the timed steps
     replans = _events(tmp_path, 'replan')
-    assert [r['train_seconds'] for r in replans] == [pytest.approx(0.3, abs=0.03), pytest.approx(0.9, abs=0.03)]  # 10%, 30%
+    # at 10% and 30% of the budget
+    assert [r['train_seconds'] for r in replans] == [pytest.approx(0.3, abs=0.03), pytest.approx(0.9, abs=0.03)]
     # after the re-plans the run ends on its last planned step, so the schedules reach their end, within the budget;
     # without them it would stop at a third of its steps (slower) or of its budget (faster)
     assert res['steps'] == res['total_steps'] == replans[-1]['total_steps'] == pytest.approx(3 / later, abs=1)
@@ -246,9 +255,10 @@ def test_time_budget_replans_when_the_speed_drifts(tmp_path, monkeypatch, first,
 
 @pytest.mark.parametrize('resume', [False, True])  # --resume with no checkpoint yet is a fresh start too
 def test_a_fresh_run_starts_a_fresh_log(tmp_path, resume):
-    (tmp_path / 'metrics.jsonl').write_text('{"step": 0, "loss": 9.0}\n')  # a run that stopped before its first checkpoint
+    # a run that stopped before its first checkpoint
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 0, "loss": 9.0}\n')
     fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=resume)
     lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert lines[0]['event'] == 'start' and all(l.get('loss') != 9.0 for l in lines)
-    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)  # a real resume appends
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)  # a resume appends
     assert (tmp_path / 'metrics.jsonl').read_text().splitlines()[:len(lines)] == [json.dumps(l) for l in lines]
