@@ -3,7 +3,7 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from sslkd.resnet import SmallCNN
 from sslkd.vit import ViT
 from sslkd.data import ImageData
-from sslkd.experiment import build_backbone
+from sslkd.registry import build_backbone
 from sslkd.train import TrainConfig, fit, param_groups
 from sslkd.distill import (KASSL, KASSLConfig, VIEW_PAIRS, neg_cosine, neg_cosine_naive, kassl_loss, encoder_extension,
                            random_projection, check_kassl_config, target_dim, kassl_from_teacher, teacher_record)
@@ -75,7 +75,7 @@ def test_symmetric_loss_minimum_is_minus_two_and_swapping_views_changes_nothing(
     assert kassl_loss([torch.eye(3)] * 2, [torch.eye(3)] * 2, cross).item() == -2.0
     torch.testing.assert_close(kassl_loss([a, b], [b, a], cross), torch.tensor(-2.0))
     torch.testing.assert_close(kassl_loss([a, b], [a, b], cross), kassl_loss([b, a], [b, a], cross))
-    # the sum of the two directions, not their mean (seed 002: Loss + Loss')
+    # the sum of the two directions, not their mean (KASSL: Loss + Loss')
     torch.testing.assert_close(kassl_loss([a, b], [a, b], cross), neg_cosine(a, b) + neg_cosine(b, a))
     assert kassl_loss([torch.eye(3)] * 2, [torch.eye(3)] * 2, VIEW_PAIRS[(False, False)]).item() == -1.0   # one term
 
@@ -144,7 +144,7 @@ def test_eval_backbone_is_the_student_backbone_without_extension():
 
 
 def _views_and_parts(m, x, seed):
-    "The method's two views (same generator) and, in eval mode, the student's predictions and teacher's targets per view."
+    "The method's two views (same generator) and, in eval mode, student's predictions and teacher's targets by view."
     views = m.augment(x, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         preds = [m.student.extension(m.student.backbone(v)) for v in views]
@@ -213,10 +213,10 @@ def test_feature_reduction_changes_the_target_dimension():
 
 def test_centred_targets_subtract_a_running_mean_updated_in_training_only():
     plain, c = make(), make(center_targets=True, center_momentum=0.5)
-    assert plain.target_center is None and 'target_center' not in plain.state_dict()  # the seed's recipe is unchanged
+    assert plain.target_center is None and 'target_center' not in plain.state_dict()  # KASSL's recipe is unchanged
     x1, x2 = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
     t1, t2 = plain.teacher_targets(x1), plain.teacher_targets(x2)
-    torch.testing.assert_close(c.teacher_targets(x1), t1 - 0.5 * t1.mean(0))                        # 0.5 * 0 + 0.5 * mean
+    torch.testing.assert_close(c.teacher_targets(x1), t1 - 0.5 * t1.mean(0))   # 0.5 * 0 + 0.5 * mean
     torch.testing.assert_close(c.teacher_targets(x2), t2 - (0.25 * t1.mean(0) + 0.5 * t2.mean(0)))
     center = c.target_center.clone()
     c.eval()
@@ -237,7 +237,8 @@ def test_loss_goes_down_on_a_tiny_synthetic_set():
 def test_logs():
     m = make()
     loss, logs = m.training_step(images(16), torch.Generator().manual_seed(0), 0, 1, log=True)
-    assert {'loss', 'cosine', 'feature_std', 'effective_rank', 'teacher_feature_std', 'teacher_effective_rank'} <= logs.keys()
+    assert {'loss', 'cosine', 'feature_std', 'effective_rank', 'teacher_feature_std',
+            'teacher_effective_rank'} <= logs.keys()
     assert logs['loss'] == pytest.approx(loss.item()) and logs['cosine'] == pytest.approx(-loss.item() / 2)
     assert 0 < logs['feature_std'] < 1 and logs['effective_rank'] > 1
     assert m.training_step(images(16), torch.Generator().manual_seed(0), 0, 1)[1] == {}
@@ -256,7 +257,8 @@ def test_state_dict_round_trip_with_a_freshly_built_teacher():
     sd = m.state_dict()
     assert any(k.startswith('teacher.') for k in sd) and 'reduction' in sd   # the checkpoint is self-contained
     cfg = m.cfg
-    fresh_teacher = build_backbone(cfg.teacher_arch, 16, 1, cfg.teacher_patch)  # as the CLI would, from the config alone
+    # as the CLI would, from the config alone
+    fresh_teacher = build_backbone(cfg.teacher_arch, 16, 1, cfg.teacher_patch)
     fresh = KASSL(student(seed=7), 16, 1, MEAN, STD, cfg, fresh_teacher)
     assert not torch.equal(fresh.reduction, m.reduction)
     fresh.load_state_dict(sd)
@@ -284,7 +286,8 @@ def test_fit_trains_only_the_student_and_checkpoints_the_teacher(tmp_path):
     m = make()
     t_before = copy.deepcopy(m.teacher.state_dict())
     data = ImageData(images(64), torch.arange(64) % 4, list('abcd'), MEAN, STD)
-    res = fit(m, data, TrainConfig(epochs=2, batch_size=16, lr=1e-3, eval_every=0, progress=False, device='cpu'), out=tmp_path)
+    res = fit(m, data, TrainConfig(epochs=2, batch_size=16, lr=1e-3, eval_every=0, progress=False, device='cpu'),
+              out=tmp_path)
     assert res['steps'] == 8 and not m.teacher.training
     assert states_equal(m.teacher.state_dict(), t_before)
     ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
@@ -305,11 +308,14 @@ def test_clear_errors_for_bad_teachers():
     with pytest.raises(ValueError, match='needs a frozen teacher'): KASSL(s, 16, 1, MEAN, STD)
     with pytest.raises(ValueError, match='no `embed_dim`'): KASSL(s, 16, 1, MEAN, STD, teacher=nn.Flatten())
     with pytest.raises(ValueError, match='must be an nn.Module'): KASSL(s, 16, 1, MEAN, STD, teacher=lambda x: x)
-    with pytest.raises(ValueError, match='teacher_dim=128'): KASSL(s, 16, 1, MEAN, STD, KASSLConfig(teacher_dim=128), teacher())
+    with pytest.raises(ValueError, match='teacher_dim=128'):
+        KASSL(s, 16, 1, MEAN, STD, KASSLConfig(teacher_dim=128), teacher())
     with pytest.raises(ValueError, match=r'\(2, 12\), not \(batch, 16\)'): KASSL(s, 16, 1, MEAN, STD, teacher=Liar())
     with pytest.raises(ValueError, match='shares parameters'): KASSL(s, 16, 1, MEAN, STD, teacher=s)
-    with pytest.raises(ValueError, match='fails on 1-channel 16 px'): KASSL(s, 16, 1, MEAN, STD, teacher=build_backbone('small_cnn', 16, 3))
-    with pytest.raises(ValueError, match='student backbone needs an `embed_dim`'): KASSL(nn.Flatten(), 16, 1, MEAN, STD, teacher=teacher())
+    with pytest.raises(ValueError, match='fails on 1-channel 16 px'):
+        KASSL(s, 16, 1, MEAN, STD, teacher=build_backbone('small_cnn', 16, 3))
+    with pytest.raises(ValueError, match='student backbone needs an `embed_dim`'):
+        KASSL(nn.Flatten(), 16, 1, MEAN, STD, teacher=teacher())
 
 
 @pytest.mark.parametrize('kw, msg', [
