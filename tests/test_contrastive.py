@@ -1,9 +1,9 @@
 import math
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import sslkd.contrastive as con
-from sslkd.contrastive import (projection_mlp, nt_xent, nt_xent_naive, info_nce, info_nce_naive, in_batch_info_nce, enqueue_,
-                               byol_loss, byol_symmetric_loss, top1_agreement, online_encoder, SimCLR, SimCLRConfig, MoCo,
-                               MoCoConfig, BYOL, BYOLConfig)
+from sslkd.contrastive import (projection_mlp, nt_xent, nt_xent_naive, info_nce, info_nce_naive, in_batch_info_nce,
+                               enqueue_, byol_loss, byol_symmetric_loss, top1_agreement, online_encoder, SimCLR,
+                               SimCLRConfig, MoCo, MoCoConfig, BYOL, BYOLConfig)
 from sslkd.dino import teacher_mode_
 from sslkd.metrics import effective_rank, feature_std
 from sslkd.resnet import small_cnn
@@ -33,7 +33,8 @@ SMALL = dict(hidden_dim=64, out_dim=32)
 METHODS = {
     'simclr': lambda bb, size, **kw: SimCLR(bb, size, 1, *STATS, SimCLRConfig(**{**SMALL, **kw})),
     'moco_v2': lambda bb, size, **kw: MoCo(bb, size, 1, *STATS, MoCoConfig(**{**SMALL, 'queue_size': 256, **kw})),
-    'moco_v3': lambda bb, size, **kw: MoCo(bb, size, 1, *STATS, MoCoConfig(**{**SMALL, 'variant': 'v3', 'pred_hidden_dim': 64, **kw})),
+    'moco_v3': lambda bb, size, **kw: MoCo(bb, size, 1, *STATS,
+                                           MoCoConfig(**{**SMALL, 'variant': 'v3', 'pred_hidden_dim': 64, **kw})),
     'byol': lambda bb, size, **kw: BYOL(bb, size, 1, *STATS, BYOLConfig(**{**SMALL, 'pred_hidden_dim': 64, **kw})),
 }
 
@@ -134,7 +135,7 @@ def test_byol_loss_values_and_symmetric_sum():
     p1, p2, z1, z2 = torch.randn(4, 7, 5, generator=g, dtype=torch.float64)
     p1.requires_grad_(True)
     sym = byol_symmetric_loss(p1, p2, z1, z2)
-    torch.testing.assert_close(sym, byol_loss(p1, z2) + byol_loss(p2, z1), rtol=1e-12, atol=1e-12)  # summed, not averaged
+    torch.testing.assert_close(sym, byol_loss(p1, z2) + byol_loss(p2, z1), rtol=1e-12, atol=1e-12)  # summed, not mean
     z2.requires_grad_(True)
     byol_loss(p1, z2).backward()
     assert z2.grad is None and p1.grad is not None
@@ -201,7 +202,8 @@ def test_moco_keys_gathered_across_processes(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, keys, other_keys = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
     monkeypatch.setattr(con.dist, 'all_gather', lambda out, t: [o.copy_(v) for o, v in zip(out, (other_keys, t))])
-    want = F.cross_entropy(F.normalize(q, dim=1) @ F.normalize(torch.cat([other_keys, keys]), dim=1).T / 0.2, torch.arange(4, 8)) * 0.4
+    want = F.cross_entropy(F.normalize(q, dim=1) @ F.normalize(torch.cat([other_keys, keys]), dim=1).T / 0.2,
+                           torch.arange(4, 8)) * 0.4
     torch.testing.assert_close(in_batch_info_nce(q, keys, 0.2), want)
 
 
@@ -211,7 +213,7 @@ def _ddp_worker(rank, world, init, z1, z2, q, k, T, out):
     try:
         B = len(z1) // world
         sl = slice(rank * B, (rank + 1) * B)
-        a, b, qq = z1[sl].clone().requires_grad_(True), z2[sl].clone().requires_grad_(True), q[sl].clone().requires_grad_(True)
+        a, b, qq = (t[sl].clone().requires_grad_(True) for t in (z1, z2, q))
         loss = nt_xent(a, b, T)
         loss.backward()
         l3 = in_batch_info_nce(qq, k[sl], T)
@@ -221,14 +223,15 @@ def _ddp_worker(rank, world, init, z1, z2, q, k, T, out):
 
 
 def test_distributed_losses_equal_single_process_at_the_global_batch(tmp_path):
-    "Two gloo processes with half the batch each: mean loss = single-process loss; world_size x local grads = global grads."
+    "Two gloo processes with half the batch each: mean loss = 1-process loss; world_size x local grads = global grads."
     import torch.distributed as dist, torch.multiprocessing as mp
     if not dist.is_available(): pytest.skip('torch.distributed is not available')
     g = torch.Generator().manual_seed(0)
     z1, z2, q, k = torch.randn(4, 8, 5, generator=g, dtype=torch.float64)
     T, W = 0.3, 2
     ctx = mp.get_context('fork')   # no re-import in the children: a second, not ten
-    procs = [ctx.Process(target=_ddp_worker, args=(r, W, f'file://{tmp_path}/pg', z1, z2, q, k, T, str(tmp_path))) for r in range(W)]
+    args = lambda r: (r, W, f'file://{tmp_path}/pg', z1, z2, q, k, T, str(tmp_path))
+    procs = [ctx.Process(target=_ddp_worker, args=args(r)) for r in range(W)]
     for p in procs: p.start()
     for p in procs: p.join(60)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
@@ -256,7 +259,7 @@ def eval_loss(method, x, queue=None):
 
 @pytest.mark.parametrize('name', list(METHODS))
 def test_loss_goes_down_on_a_tiny_batch(name):
-    "20 steps lower the loss of fixed views of the batch by > 5% (with lr=0 the ratio is exactly 1: no augmentation noise)."
+    "20 steps lower the loss of fixed views of the batch by > 5% (with lr=0 the ratio is exactly 1: no augment noise)."
     m, x = make(name), images(16)
     q0 = m.queue.clone() if name == 'moco_v2' else None   # v2 is scored against the same negatives before and after
     before = eval_loss(m, x, q0)
@@ -289,7 +292,8 @@ def test_momentum_encoder_is_separate_and_follows_by_ema(name):
         ptrs = {p.data_ptr() for p in mod.student.parameters()}
         assert not any(p.data_ptr() in ptrs for p in mod.momentum_encoder.parameters())
     assert all(not p.requires_grad for p in m.momentum_encoder.parameters())
-    assert [n for n, _ in m.momentum_encoder.named_parameters()] == [n for n, _ in online_encoder(m.student).named_parameters()]
+    names = lambda mod: [n for n, _ in mod.named_parameters()]
+    assert names(m.momentum_encoder) == names(online_encoder(m.student))
     loss, _ = m.training_step(x, torch.Generator(), 0, 10)
     loss.backward()
     assert all(p.grad is None for p in m.momentum_encoder.parameters())
@@ -375,7 +379,8 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="eval_encoder='target'"): BYOLConfig(eval_encoder='target')
     with pytest.raises(ValueError, match='global_scale'): SimCLRConfig(global_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match='proj_layers'): SimCLRConfig(proj_layers=0)
-    with pytest.raises(ValueError, match='unknown augmentation preset'): SimCLR(tiny_cnn(), 16, 1, *STATS, SimCLRConfig(augment='nope'))
+    with pytest.raises(ValueError, match='unknown augmentation preset'):
+        SimCLR(tiny_cnn(), 16, 1, *STATS, SimCLRConfig(augment='nope'))
     with pytest.raises(ValueError, match='embed_dim'): BYOL(nn.Conv2d(1, 2, 3), 16, 1, *STATS)
     with pytest.raises(ValueError, match='two .batch, dim. tensors'): nt_xent(torch.randn(3, 4), torch.randn(4, 4))
     assert MoCoConfig().augment == 'moco' and MoCoConfig(variant='v3').augment == 'byol'

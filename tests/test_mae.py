@@ -1,7 +1,8 @@
 import math
 import pytest, torch, torch.nn as nn
-from sslkd.mae import (MAE, MAEConfig, MAEDecoder, PooledViT, n_visible, random_masking, encode_visible, encode_visible_naive,
-                       gather_tokens, mae_loss, mae_loss_naive, norm_pix, unpatchify, sincos_pos_embed, mae_view)
+from sslkd.mae import (MAE, MAEConfig, MAEDecoder, PooledViT, n_visible, random_masking, encode_visible,
+                       encode_visible_naive, gather_tokens, mae_loss, mae_loss_naive, norm_pix, unpatchify,
+                       sincos_pos_embed, mae_view)
 from sslkd.vit import vit_nano, patchify
 from sslkd.resnet import small_cnn
 from sslkd.metrics import collapse_warning
@@ -67,7 +68,8 @@ def test_batched_encoder_equals_per_image_reference(img, p):
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     # unsorted indices: the same tokens in another order give the same tokens, permuted
     perm = torch.randperm(ids.shape[1])
-    torch.testing.assert_close(encode_visible(vit, x, ids[:, perm])[:, 1:], fast[:, 1:][:, perm], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(encode_visible(vit, x, ids[:, perm])[:, 1:], fast[:, 1:][:, perm], rtol=1e-10,
+                               atol=1e-10)
     # all patches kept: the ViT's own forward
     every = torch.arange(N).expand(4, -1)
     torch.testing.assert_close(encode_visible(vit, x, every), vit.forward_features(x), rtol=1e-12, atol=1e-12)
@@ -89,9 +91,11 @@ def test_loss_vectorised_equals_naive_and_hand_value():
     target = torch.rand(3, 16, 12, generator=g, dtype=torch.float64)
     _, mask = random_masking(3, 16, 0.6, g)
     for npl in (True, False):
-        torch.testing.assert_close(mae_loss(pred, target, mask, npl), mae_loss_naive(pred, target, mask, npl), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mae_loss(pred, target, mask, npl), mae_loss_naive(pred, target, mask, npl),
+                                   rtol=1e-12, atol=1e-12)
     # by hand: one masked patch, no normalisation
-    p, t = torch.zeros(1, 2, 4, dtype=torch.float64), torch.tensor([[[1., 2., 3., 4.], [9., 9., 9., 9.]]], dtype=torch.float64)
+    p = torch.zeros(1, 2, 4, dtype=torch.float64)
+    t = torch.tensor([[[1., 2., 3., 4.], [9., 9., 9., 9.]]], dtype=torch.float64)
     m = torch.tensor([[True, False]])
     assert mae_loss(p, t, m, norm_pix_loss=False).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
     # with norm_pix: [1,2,3,4] -> (t - 2.5) / sqrt(5/3 + eps): mean of squares = 3 var_biased / (var_unbiased + eps)
@@ -172,7 +176,8 @@ def synthetic_images(n=16, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = torch.arange(size, dtype=torch.float32)
     yy, xx = torch.meshgrid(r, r, indexing='ij')
-    cy, cx, w = (torch.rand(3, n, 1, 1, generator=g) * torch.tensor([size, size, 4.]).view(3, 1, 1, 1) + torch.tensor([0, 0, 2.]).view(3, 1, 1, 1))
+    scale, shift = torch.tensor([size, size, 4.]).view(3, 1, 1, 1), torch.tensor([0, 0, 2.]).view(3, 1, 1, 1)
+    cy, cx, w = (torch.rand(3, n, 1, 1, generator=g) * scale + shift)
     img = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * w ** 2))
     bars = (torch.sin(xx / (1 + w)) > 0).float() * (torch.rand(n, 1, 1, generator=g) > 0.5)
     return ((0.7 * img + 0.3 * bars).clamp(0, 1) * 255).to(torch.uint8)[:, None]
@@ -205,7 +210,8 @@ def test_training_step_logs_signals_and_fp32_under_autocast():
     g = torch.Generator().manual_seed(0)
     v = m.augment(x, g)
     _, pred, mask = m.forward_loss(v, g)
-    assert logs['loss_predict_zero'] == pytest.approx(mae_loss(torch.zeros_like(pred), patchify(v, 4), mask).item(), rel=1e-6)
+    assert logs['loss_predict_zero'] == pytest.approx(mae_loss(torch.zeros_like(pred), patchify(v, 4), mask).item(),
+                                                      rel=1e-6)
     assert logs['effective_rank'] > 1.5 and logs['feature_std'] > 1e-4
     assert collapse_warning(logs) is None
     assert m.training_step(x, torch.Generator(), 0, 10)[1] == {}
@@ -285,17 +291,21 @@ def test_reconstruct_shapes_and_visible_patches_pasted():
 def test_bad_config_and_backbone():
     with pytest.raises(ValueError, match='needs an sslkd ViT'): MAE(small_cnn(1), 28, 1, MEAN, STD)
     with pytest.raises(ValueError, match='eval_pool'): MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(eval_pool='max'))
-    with pytest.raises(ValueError, match='unknown augment'): MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(augment='strong'))
+    with pytest.raises(ValueError, match='unknown augment'):
+        MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(augment='strong'))
     with pytest.raises(ValueError, match='multiple of'): MAE(tiny_vit(), 18, 1, MEAN, STD)
     with pytest.raises(ValueError, match='in_chans'): MAE(tiny_vit(), 16, 3, MEAN * 3, STD * 3)
-    with pytest.raises(ValueError, match='divisible by 4'): MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(decoder_dim=30, decoder_heads=2))
+    with pytest.raises(ValueError, match='divisible by 4'):
+        MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(decoder_dim=30, decoder_heads=2))
     m = MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(decoder_dim=32, decoder_heads=2, augment='none'))
-    with pytest.raises(ValueError, match='built for 16 px'): m.training_step(torch.zeros(2, 1, 20, 20, dtype=torch.uint8), torch.Generator(), 0, 1)
+    with pytest.raises(ValueError, match='built for 16 px'):
+        m.training_step(torch.zeros(2, 1, 20, 20, dtype=torch.uint8), torch.Generator(), 0, 1)
 
 
 def test_augment_views():
     spec = mae_view('mae', 28, 1)
-    assert spec.size == 28 and spec.scale == (0.5, 1.) and spec.flip_p == 0.5 and spec.jitter_p == 0 and spec.blur_p == 0
+    assert spec.size == 28 and spec.scale == (0.5, 1.) and spec.flip_p == 0.5
+    assert spec.jitter_p == 0 and spec.blur_p == 0
     assert mae_view('mae', 28, 1, scale=(0.8, 1.)).scale == (0.8, 1.)
     assert mae_view('none', 28, 1) is None
     assert mae_view('moco', 32, 3).size == 32

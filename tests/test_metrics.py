@@ -145,7 +145,8 @@ def test_effective_rank_rank_one_and_constant():
 
 def test_effective_rank_matches_eigenvalue_reference():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(40, 8, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([5., 3, 2, 1, 1, .5, .1, 0.]).double())
+    spread = torch.tensor([5., 3, 2, 1, 1, .5, .1, 0.]).double()
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64) @ torch.diag(spread)
     xc = x - x.mean(0)
     s = torch.linalg.eigvalsh(xc.T @ xc).clamp_min(0).sqrt().tolist()
     p = [v / sum(s) for v in s]

@@ -7,8 +7,9 @@ import pytest, torch
 from sslkd.augment import normalize
 from sslkd.vit import vit_nano
 from sslkd.resnet import small_cnn
-from sslkd.viz import (read_metrics, step_records, eval_records, plot_loss_curves, plot_knn_curves, plot_collapse_signals,
-                       plot_agreement, COLLAPSE_PANELS, cls_attention, attention_grid, plot_attention_maps, save_figure)
+from sslkd.viz import (read_metrics, step_records, eval_records, plot_loss_curves, plot_knn_curves,
+                       plot_collapse_signals, plot_agreement, COLLAPSE_PANELS, cls_attention, attention_grid,
+                       plot_attention_maps, save_figure)
 
 LN_K = math.log(64)
 
@@ -24,7 +25,8 @@ def step(s, epoch, loss, **signals):
 
 
 def dino_like(s, epoch, loss, te, agree=0.5):
-    return step(s, epoch, loss, teacher_entropy=te, teacher_mean_entropy=te + 0.2, ln_K=LN_K, kl_teacher_student=0.3 - s / 1000,
+    return step(s, epoch, loss, teacher_entropy=te, teacher_mean_entropy=te + 0.2, ln_K=LN_K,
+                kl_teacher_student=0.3 - s / 1000,
                 agreement=agree, feature_std=0.05 + s / 1e4, effective_rank=10 + s / 10)
 
 
@@ -41,17 +43,21 @@ def make_dino(path, offset=0.):
             dino_like(0, 0, 4.0 + offset, 3.0), dino_like(10, 0, 3.8 + offset, 3.1, 0.6),
             {'step': 12, 'epochs_done': 0.5, 'train_seconds': 1.0, 'knn_top1': 50. + offset, 'knn_top5': 90.},
             dino_like(20, 0, 3.6 + offset, 3.2, 0.7),
-            {'epoch': 0, 'step': 25, 'epochs_done': 1.0, 'loss': 3.5, 'train_seconds': 2.0, 'images_per_s': 10., 'knn_top1': 55. + offset, 'knn_top5': 92.},
+            {'epoch': 0, 'step': 25, 'epochs_done': 1.0, 'loss': 3.5, 'train_seconds': 2.0, 'images_per_s': 10.,
+             'knn_top1': 55. + offset, 'knn_top5': 92.},
             dino_like(30, 1, 3.4 + offset, 3.3, 0.8), dino_like(40, 1, 3.2 + offset, 3.4, 0.9),
-            {'epoch': 1, 'step': 50, 'epochs_done': 2.0, 'loss': 3.1, 'train_seconds': 4.0, 'images_per_s': 10., 'knn_top1': 60. + offset, 'knn_top5': 95.}]
+            {'epoch': 1, 'step': 50, 'epochs_done': 2.0, 'loss': 3.1, 'train_seconds': 4.0, 'images_per_s': 10.,
+             'knn_top1': 60. + offset, 'knn_top5': 95.}]
     return write_run(path, recs)
 
 
 def make_contrastive(path):
     "A method that logs only the feature signals (one of them NaN at one step)."
     recs = [{'event': 'start', 'total_steps': 20, 'steps_per_epoch': 20, 'epochs': 1},
-            step(0, 0, 2.0, feature_std=0.04, effective_rank=5.), step(10, 0, 1.5, feature_std=float('nan'), effective_rank=6.),
-            {'epoch': 0, 'step': 20, 'epochs_done': 1.0, 'loss': 1.4, 'train_seconds': 1., 'images_per_s': 5., 'knn_top1': 40., 'knn_top5': 80.}]
+            step(0, 0, 2.0, feature_std=0.04, effective_rank=5.),
+            step(10, 0, 1.5, feature_std=float('nan'), effective_rank=6.),
+            {'epoch': 0, 'step': 20, 'epochs_done': 1.0, 'loss': 1.4, 'train_seconds': 1., 'images_per_s': 5.,
+             'knn_top1': 40., 'knn_top5': 80.}]
     return write_run(path, recs)
 
 
@@ -132,8 +138,9 @@ def test_seeds_mean_and_band(tmp_path):
 
 def test_knn_curves_with_baseline(tmp_path):
     dino = make_dino(tmp_path / 'dino')
-    rnd = write_run(tmp_path / 'random', [{'event': 'start', 'total_steps': 0}], results=[{'method': 'random', 'knn_top1': 42.5}])
-    rnd2 = write_run(tmp_path / 'random2', [{'event': 'start', 'total_steps': 0}], results=[{'method': 'random', 'knn_top1': 44.5}])
+    start = [{'event': 'start', 'total_steps': 0}]
+    rnd = write_run(tmp_path / 'random', start, results=[{'method': 'random', 'knn_top1': 42.5}])
+    rnd2 = write_run(tmp_path / 'random2', start, results=[{'method': 'random', 'knn_top1': 44.5}])
     none = write_run(tmp_path / 'none', [{'event': 'start', 'total_steps': 0}])
     fig = plot_knn_curves({'dino': dino, 'random': [rnd, rnd2], 'nothing': none})
     ax = fig.axes[0]
