@@ -247,7 +247,7 @@ def test_warning_thresholds_and_missing_signals():
     assert collapse_warning({'effective_rank': 1.0}).startswith('dimensional')
 
 
-# ---- contract -------------------------------------------------------------------------------------------------
+# ---- dependencies and devices ---------------------------------------------------------------------------------
 def test_imports_only_torch_and_math():
     src = Path(M.__file__).read_text()
     imports = re.findall(r'^\s*(?:from|import)\s+([\w.]+)', src, re.M)
