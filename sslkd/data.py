@@ -65,7 +65,7 @@ def channel_stats(x, chunk=8192):
     std = [math.sqrt(max(s2i / n / 255**2 - m * m, 0.0)) for s2i, m in zip(s2.tolist(), mean)]
     return tuple(mean), tuple(std)
 
-# %% ../nbs/00_data.ipynb #b202d345
+# %% ../nbs/00_data.ipynb #060c4043
 def default_data_dir():
     "Where downloads go when no data_dir is given: $SSLKD_DATA if set, else ~/.cache/sslkd."
     return Path(os.environ.get('SSLKD_DATA') or Path.home() / '.cache' / 'sslkd').expanduser()
@@ -106,7 +106,7 @@ FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sanda
                    'Ankle boot']
 FASHION_MEAN, FASHION_STD = (0.2860406,), (0.3530242,)  # of the train split; checked below
 
-# %% ../nbs/00_data.ipynb #1fe92f24
+# %% ../nbs/00_data.ipynb #30d1f4c3
 def fashion_mirrors():
     "Base URLs to download Fashion-MNIST from: those in $SSLKD_FASHION_MIRROR if it is set, else `FASHION_MIRRORS`."
     urls = os.environ.get('SSLKD_FASHION_MIRROR', '').replace(',', ' ').split() or FASHION_MIRRORS

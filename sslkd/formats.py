@@ -91,7 +91,7 @@ def download_any(urls, dest, sha256, timeout=60):
            else 'all mirrors failed (' + '; '.join(whys) + ')')
     raise DownloadError(f"could not download {Path(dest).name}: {why}", why)
 
-# %% ../nbs/21_formats.ipynb #a0fbf035
+# %% ../nbs/21_formats.ipynb #a78cdca7
 IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 def parse_idx(buf, name='<bytes>'):
@@ -129,7 +129,7 @@ def read_idx(path):
     "Read an IDX file, gzipped or not, as a tensor shaped by its header."
     return parse_idx(file_bytes(path), str(path))
 
-# %% ../nbs/21_formats.ipynb #2e479c83
+# %% ../nbs/21_formats.ipynb #22dc8151
 def write_idx(path, t):
     "Write a tensor as an IDX file, gzipped if `path` ends in .gz: the inverse of `read_idx`."
     a = np.ascontiguousarray(torch.as_tensor(t).detach().cpu().numpy())
@@ -138,7 +138,7 @@ def write_idx(path, t):
     data = struct.pack(f'>HBB{a.ndim}I', 0, code, a.ndim, *a.shape) + a.astype(IDX_DTYPES[code]).tobytes()
     return _atomic_write(path, gzip.compress(data, mtime=0) if str(path).endswith('.gz') else data)
 
-# %% ../nbs/21_formats.ipynb #3bd52612
+# %% ../nbs/21_formats.ipynb #590eb1b3
 def _check_member(m, dest):
     "Refuse a tar member that would land outside `dest` (absolute, '..', outward link) or is a device/fifo."
     link = f" -> {m.linkname!r}" if m.linkname else ''
@@ -174,7 +174,7 @@ def safe_extract(archive, dest):
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
-# %% ../nbs/21_formats.ipynb #4e8bf7d3
+# %% ../nbs/21_formats.ipynb #4358836a
 _PICKLE_ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
                    ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
                    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
@@ -201,7 +201,7 @@ def _unpickle(path):
     if not isinstance(d, dict): raise DataError(f"{path} holds a {type(d).__name__}, not a CIFAR dict. {fix}")
     return d
 
-# %% ../nbs/21_formats.ipynb #3487e323
+# %% ../nbs/21_formats.ipynb #1971d952
 @dataclass(frozen=True)
 class CifarSpec:
     "Where a CIFAR archive lives, its sha256, and how its pickles are laid out."
@@ -230,7 +230,7 @@ CIFAR_SPECS = {
                           (0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
 }
 
-# %% ../nbs/21_formats.ipynb #fbe1f893
+# %% ../nbs/21_formats.ipynb #4bbd3562
 def read_cifar_batch(path, label_key='labels'):
     "One pickled CIFAR batch as (x uint8 (N,3,32,32), y int64)."
     d = _unpickle(path)
@@ -257,7 +257,7 @@ def read_cifar_split(folder, spec, split):
                         f"Delete {folder} and re-run.")
     return torch.cat(xs), y, classes
 
-# %% ../nbs/21_formats.ipynb #a054ba73
+# %% ../nbs/21_formats.ipynb #315788c0
 def write_cifar_archive(path, train, test, name='cifar10', classes=None):
     "Write (x uint8 (N,3,32,32), y) train/test tensors as an official-layout CIFAR python .tar.gz (for tests, demos)."
     spec = CIFAR_SPECS[name]
@@ -279,7 +279,7 @@ def write_cifar_archive(path, train, test, name='cifar10', classes=None):
             info = tarfile.TarInfo(n); info.size = len(b); tf.addfile(info, io.BytesIO(b))
     return _atomic_write(path, buf.getvalue())
 
-# %% ../nbs/21_formats.ipynb #44950dca
+# %% ../nbs/21_formats.ipynb #6a632e28
 IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
 _GREY_MODES = {'1', 'L', 'LA', 'I', 'I;16', 'F'}
 
@@ -309,7 +309,7 @@ def _read_image(path, size, mode):
         raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}): delete or replace it.") from e
     return torch.from_numpy(a.reshape(h, w, -1).copy()).permute(2, 0, 1), grey
 
-# %% ../nbs/21_formats.ipynb #9079ff87
+# %% ../nbs/21_formats.ipynb #afb1cdfb
 def read_image_folder(root, size=32, mode=None, cache_dir=None):
     "(x uint8 (N,C,H,W), y int64, classes) of ROOT/<class>/<images>; cached in `cache_dir` until the folder changes."
     root = Path(root)
