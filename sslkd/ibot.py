@@ -171,8 +171,8 @@ class iBOT(DINO):
 
     def build_heads(self, dim):
         "DINO's `head`, and a `patch_head` of its own unless the head is shared."
-        patch = {} if self.cfg.shared_head else dict(patch_head=dino_head(self.cfg, dim, patch_out_dim(self.cfg)))
-        return super().build_heads(dim) | patch
+        c = self.cfg
+        return super().build_heads(dim) | ({} if c.shared_head else {'patch_head': dino_head(c, dim, patch_out_dim(c))})
 
     def build_loss(self):
         c = self.cfg
