@@ -54,7 +54,8 @@ def test_pairs_skip_same_view_only():
     torch.testing.assert_close(fast, loss)
     q1 = F.softmax(t[1] / 0.04, -1)
     ls0 = F.log_softmax(s[0] / 0.1, -1)
-    terms = [-(q1 * ls0).sum(-1).mean()] + [torch.tensor(math.log(K), dtype=torch.float64)] * 5  # t1 vs s0; the rest are uniform students
+    # t1 vs s0; the rest are uniform students
+    terms = [-(q1 * ls0).sum(-1).mean()] + [torch.tensor(math.log(K), dtype=torch.float64)] * 5
     torch.testing.assert_close(fast, sum(terms) / 6)
 
 
@@ -80,7 +81,8 @@ def test_center_ema_exact_and_used_before_update():
     t1 = torch.full((2, 4, K), 1., dtype=torch.float64); t1[..., 0] = 3.
     s = torch.randn(3, 4, K, dtype=torch.float64)
     out = loss(s, t1, 0.07)
-    torch.testing.assert_close(out, dino_loss_naive(s, t1, torch.zeros(1, K, dtype=torch.float64), 0.07))  # old (zero) centre
+    old_centre = torch.zeros(1, K, dtype=torch.float64)
+    torch.testing.assert_close(out, dino_loss_naive(s, t1, old_centre, 0.07))
     torch.testing.assert_close(loss.center, torch.tensor([[0.3, 0.1, 0.1]], dtype=torch.float64))
     loss(s, t1, 0.07)
     torch.testing.assert_close(loss.center, torch.tensor([[0.57, 0.19, 0.19]], dtype=torch.float64))
@@ -168,7 +170,8 @@ def test_local_crop_size():
     assert local_crop_size(28, vit) == 16 and local_crop_size(32, vit_nano(32, 4, 3, depth=1)) == 16
     assert local_crop_size(28, small_cnn(1)) == 14 and local_crop_size(28, vit, 12) == 12
     with pytest.raises(ValueError, match='multiple of the backbone'): local_crop_size(28, vit, 14)
-    with pytest.raises(ValueError, match='multiple of the backbone'): DINO(vit, 28, 1, (0.3,), (0.3,), DINOConfig(local_size=14))
+    with pytest.raises(ValueError, match='multiple of the backbone'):
+        DINO(vit, 28, 1, (0.3,), (0.3,), DINOConfig(local_size=14))
     m = DINO(vit, 28, 1, (0.3,), (0.3,))
     assert [v.size for v in m.augment.views] == [28, 28, 16, 16]  # 2 global + the default 2 local crops
 
@@ -176,9 +179,10 @@ def test_local_crop_size():
 def test_multicrop_forward_equals_per_view():
     torch.manual_seed(0)
     vit = vit_nano(16, 4, 1, depth=1).eval()
-    views = [torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 16, 16)]
+    views = [torch.randn(3, 1, s, s) for s in (16, 16, 8, 8, 16)]
     with torch.no_grad():
-        torch.testing.assert_close(multicrop_forward(vit, views), torch.cat([vit(v) for v in views]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(multicrop_forward(vit, views), torch.cat([vit(v) for v in views]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_training_step_shapes_logs_and_no_teacher_grads():
@@ -249,7 +253,8 @@ def test_cnn_teacher_uses_batch_statistics_and_keeps_its_running_stats():
         for p in m.student.parameters(): p.add_(1.)
     m.after_step(0, 10)
     for o, bn in zip(own, t_bns): torch.testing.assert_close(bn.running_mean, o)
-    for b, t_, s_ in zip(before, m.teacher.parameters(), m.student.parameters()): torch.testing.assert_close(t_, 0.99 * b + 0.01 * s_)
+    for b, t_, s_ in zip(before, m.teacher.parameters(), m.student.parameters()):
+        torch.testing.assert_close(t_, 0.99 * b + 0.01 * s_)
 
 
 def test_student_fits_a_frozen_teacher():
@@ -275,7 +280,8 @@ def test_end_to_end_default_schedule_runs():
     assert logs['loss'] == pytest.approx(loss.item())
 
 
-SIGNALS = ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std', 'effective_rank')
+SIGNALS = ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std',
+           'effective_rank')
 
 def test_logs_collapse_signals():
     pytest.importorskip('sslkd.metrics')
@@ -308,3 +314,19 @@ def test_state_dict_round_trip_restores_center_and_teacher():
     la = m.training_step(batch(seed=9), torch.Generator().manual_seed(9), 3, 10)[0]
     lb = m2.training_step(batch(seed=9), torch.Generator().manual_seed(9), 3, 10)[0]
     assert la.item() == lb.item()
+
+
+def test_family_follows_the_method_contract():
+    "Each method of the family is a `Method` built by one constructor; `config_cls` gives the default settings."
+    from sslkd.train import Method
+    from sslkd.dino import SelfDistillation
+    from sslkd.ibot import iBOT, iBOTConfig
+    from sslkd.ibot_rkd import iBOTRKD, iBOTRKDConfig
+    from sslkd.multiteacher import MultiTeacher, MultiTeacherConfig
+    for cls, cfg_cls in ((DINO, DINOConfig), (iBOT, iBOTConfig), (iBOTRKD, iBOTRKDConfig),
+                         (MultiTeacher, MultiTeacherConfig)):
+        assert issubclass(cls, SelfDistillation) and issubclass(cls, Method) and cls.config_cls is cfg_cls
+        assert '__init__' not in vars(cls) or cls is iBOTRKD  # the family's one constructor, reached via super()
+        m = cls(vit_nano(16, 4, 1, depth=2, use_mask_token=True), 16, 1, (0.3,), (0.3,))
+        assert type(m.cfg) is cfg_cls and m.cfg == cfg_cls()
+        assert set(m.student) >= {'backbone', 'head'} and m.eval_backbone() is not m.student.backbone

@@ -51,8 +51,8 @@ def test_patch_loss_vectorised_equals_naive(mean_over, seed):
     gf, = torch.autograd.grad(fast, sp); gn, = torch.autograd.grad(naive, sp)
     torch.testing.assert_close(gf, gn, rtol=1e-12, atol=1e-12)
     # passing only the masked tokens (as the method does) is the same loss
-    torch.testing.assert_close(iBOTPatchLoss(6, mean_over=mean_over).double()(sp[mask], tp, mask, 0.05),
-                               iBOTPatchLoss(6, mean_over=mean_over).double()(sp, tp, mask, 0.05), rtol=1e-12, atol=1e-12)
+    fresh = lambda: iBOTPatchLoss(6, mean_over=mean_over).double()
+    torch.testing.assert_close(fresh()(sp[mask], tp, mask, 0.05), fresh()(sp, tp, mask, 0.05), rtol=1e-12, atol=1e-12)
 
 
 def test_all_images_is_masked_images_times_fraction():
@@ -117,7 +117,7 @@ def test_patch_center_ema_exact():
 def test_ibot_loss_combines_parts_with_own_centres():
     sp, tp, c, mask = random_case(7)
     g = torch.Generator().manual_seed(1)
-    sc, tc = torch.randn(4, 4, 5, generator=g, dtype=torch.float64), torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    sc, tc = (torch.randn(n, 4, 5, generator=g, dtype=torch.float64) for n in (4, 2))
     crit = iBOTLoss(5, 6, lambda1=0.7, lambda2=1.3, center_momentum=0.9, patch_center_momentum=0.5).double()
     out = crit(sc, tc, sp, tp, mask, 0.04, 0.06)
     ref = 0.7 * dino_loss_naive(sc, tc, torch.zeros(1, 5, dtype=torch.float64), 0.04) + \
@@ -189,7 +189,7 @@ def test_training_step_shared_and_separate_heads(shared):
 
 
 def test_head_sees_only_masked_tokens_and_teacher_unmasked(monkeypatch):
-    "The student's masked globals carry the mask, its patch head gets exactly the masked tokens; the teacher sees no mask."
+    "The student's masked globals carry the mask, its patch head gets exactly the masked tokens; the teacher: no mask."
     m = tiny_ibot(tiny_cfg(mask_prob=1., shared_head=False, patch_out_dim=48))
     seen = {'student': [], 'teacher': [], 'patch_head': []}
     for who in ('student', 'teacher'):
@@ -224,7 +224,8 @@ def test_after_backward_freezes_both_heads_last_layers():
 
 
 def test_student_fits_a_frozen_teacher():
-    m = tiny_ibot(tiny_cfg(momentum_start=1., center_momentum=1., patch_center_momentum=1., freeze_last_layer_epochs=0, mask_prob=1.))
+    m = tiny_ibot(tiny_cfg(momentum_start=1., center_momentum=1., patch_center_momentum=1., freeze_last_layer_epochs=0,
+                           mask_prob=1.))
     opt = torch.optim.AdamW(m.student.parameters(), lr=3e-3)
     x, losses = batch(16), []
     for step in range(12):
@@ -251,7 +252,8 @@ def test_end_to_end_default_schedule_and_repeatability():
 def test_logs_collapse_signals():
     pytest.importorskip('sslkd.metrics')
     _, logs = tiny_ibot().training_step(batch(), torch.Generator().manual_seed(0), 0, 10, log=True)
-    for k in ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std', 'effective_rank'):
+    for k in ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std',
+              'effective_rank'):
         assert isinstance(logs[k], float), k
 
 

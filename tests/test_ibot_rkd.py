@@ -34,11 +34,12 @@ def rot(d, g):
     return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
 
 
-def test_module_importable_as_in_the_issue():
+def test_module_importable_from_the_package():
     assert ibot_rkd.ibot_rkd_d is ibot_rkd_d and ibot_rkd.iBOTRKD is iBOTRKD
 
 
-@pytest.mark.parametrize('make,rel', [(ibot_rkd_d, 'd'), (ibot_rkd_a, 'a'), (ibot_rkd_da, 'da'), (ibot_rkd_struct, 'struct')])
+@pytest.mark.parametrize('make,rel', [(ibot_rkd_d, 'd'), (ibot_rkd_a, 'a'), (ibot_rkd_da, 'da'),
+                                      (ibot_rkd_struct, 'struct')])
 def test_constructors_set_the_relation(make, rel):
     m = make(tiny(), 16, 1, (0.5,), (0.25,), iBOTRKDConfig(**SMALL, relation='d'))
     assert m.cfg.relation == rel and isinstance(m, iBOT)
@@ -53,7 +54,7 @@ def test_bad_settings_are_named():
 
 def test_rkd_loss_is_the_mean_over_sets_with_the_paper_weights():
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 3, 9, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64)
+    s, t = (torch.randn(2, 3, 9, d, generator=g, dtype=torch.float64) for d in (6, 4))
     flat_s, flat_t = s.flatten(0, 1), t.flatten(0, 1)
     d = sum(rkd_distance_loss(a, b) for a, b in zip(flat_s, flat_t)) / 6
     a = sum(rkd_angle_loss(x, y) for x, y in zip(flat_s, flat_t)) / 6
@@ -80,12 +81,13 @@ def test_structure_loss_values_and_invariances():
     x = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
     r = relation_logits(x)
     q = F.softmax(r / 0.1, -1)
-    torch.testing.assert_close(structure_loss(r, r, 0., 0.1), -torch.special.xlogy(q, q).sum(-1).mean())  # H(q, q) = H(q)
+    torch.testing.assert_close(structure_loss(r, r, 0., 0.1), -torch.special.xlogy(q, q).sum(-1).mean())  # H(q)
     ref = structure_loss(r, r, 0., 0.04)
     moved = relation_logits(2.5 * x @ rot(4, g) + torch.randn(4, generator=g, dtype=torch.float64))
     torch.testing.assert_close(structure_loss(moved, r, 0., 0.04), ref)
     torch.testing.assert_close(structure_loss(r, moved, 0., 0.04), ref)
-    assert structure_loss(relation_logits(torch.randn(2, 6, 4, generator=g, dtype=torch.float64)), r, 0., 0.04) > ref + 0.1
+    other = relation_logits(torch.randn(2, 6, 4, generator=g, dtype=torch.float64))
+    assert structure_loss(other, r, 0., 0.04) > ref + 0.1
     # the centre shifts the teacher's target rows; a constant shift of a row changes nothing
     torch.testing.assert_close(structure_loss(r, r, 3., 0.04), ref)
 
@@ -129,7 +131,8 @@ def test_added_with_weight_zero_is_ibot():
     rkd2 = build(ibot_rkd_d, add_to_ibot=True, rkd_weight=2.)
     rkd2.load_state_dict(start, strict=False)
     l3, logs3 = step(rkd2, x)
-    torch.testing.assert_close(l3.item(), l1.item() + 2 * (logs3['loss_rkd_cls'] + logs3['loss_rkd_patch']), rtol=1e-5, atol=1e-6)
+    expected = l1.item() + 2 * (logs3['loss_rkd_cls'] + logs3['loss_rkd_patch'])
+    torch.testing.assert_close(l3.item(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_patch_structure_centre_moves_only_for_struct_and_is_checkpointed():
@@ -160,7 +163,8 @@ def test_float32_under_bf16_autocast():
 def test_loss_goes_down(make):
     g = torch.Generator().manual_seed(0)
     y = torch.arange(256) % 4
-    x = (torch.rand(256, 1, 16, 16, generator=g) * 60 + y.view(-1, 1, 1, 1) * 50 * (torch.arange(16) >= 8)).to(torch.uint8)
+    right = torch.arange(16) >= 8
+    x = (torch.rand(256, 1, 16, 16, generator=g) * 60 + y.view(-1, 1, 1, 1) * 50 * right).to(torch.uint8)
     m = build(make)
     opt, losses = torch.optim.AdamW(m.student.parameters(), lr=1e-3), []
     for s in range(40):

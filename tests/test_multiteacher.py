@@ -2,8 +2,8 @@ import copy, io, math
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from sslkd.dino import DINO, DINOConfig, multicrop_cross_entropy, center_sharpen
 from sslkd.vit import ViT
-from sslkd.multiteacher import (MultiTeacher, MultiTeacherConfig, TeacherSlot, AGGREGATES, entropy_weights, teacher_entropy,
-                                multi_teacher_loss, cls_tokens, check_level_block, reinit_, next_stage)
+from sslkd.multiteacher import (MultiTeacher, MultiTeacherConfig, TeacherSlot, AGGREGATES, entropy_weights,
+                                teacher_entropy, multi_teacher_loss, cls_tokens, check_level_block, reinit_, next_stage)
 
 
 SMALL = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, n_local=2)
@@ -34,7 +34,8 @@ def states_equal(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 def bn_cnn():
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten())
     net.embed_dim = 8
     return net
 
@@ -52,7 +53,8 @@ def test_entropy_weights_favour_the_confident_teacher():
     assert w[0, 0] > w[1, 0] and w[1, 1] > w[0, 1]
     torch.testing.assert_close(w.sum(0), torch.ones(2))
     # the weighted target leans towards the sure teacher: more mass on its prototype than the plain mean gives
-    _, target, _ = multi_teacher_loss(torch.zeros(2, 2, K).log_softmax(-1), q[:, None].expand(2, 2, 2, K), 'entropy_weighted')
+    student = torch.zeros(2, 2, K).log_softmax(-1)
+    _, target, _ = multi_teacher_loss(student, q[:, None].expand(2, 2, 2, K), 'entropy_weighted')
     assert target[0, 0, 0] > (sure[0] + flat[0]) / 2 + 0.1
     torch.testing.assert_close(teacher_entropy(flat), torch.tensor(math.log(K)))
 
@@ -94,9 +96,12 @@ def test_geometric_mean_survives_disjoint_teachers():
 
 
 def test_loss_and_config_errors():
-    with pytest.raises(ValueError, match="mean_probs"): multi_teacher_loss(torch.zeros(2, 1, 3), torch.ones(1, 2, 1, 3) / 3, 'max')
-    with pytest.raises(ValueError, match=r"\(T, G, B, K\)"): multi_teacher_loss(torch.zeros(2, 1, 3), torch.ones(2, 1, 3) / 3)
-    for bad in (dict(aggregate='max'), dict(targets_from='some'), dict(eval_teacher='best'), dict(momenta=(1.2,)), dict(level_weight=-1.)):
+    with pytest.raises(ValueError, match="mean_probs"):
+        multi_teacher_loss(torch.zeros(2, 1, 3), torch.ones(1, 2, 1, 3) / 3, 'max')
+    with pytest.raises(ValueError, match=r"\(T, G, B, K\)"):
+        multi_teacher_loss(torch.zeros(2, 1, 3), torch.ones(2, 1, 3) / 3)
+    for bad in (dict(aggregate='max'), dict(targets_from='some'), dict(eval_teacher='best'), dict(momenta=(1.2,)),
+                dict(level_weight=-1.)):
         with pytest.raises(ValueError): tiny(MultiTeacherConfig(**SMALL, **bad))
 
 
@@ -106,7 +111,9 @@ def test_loss_and_config_errors():
 def test_one_teacher_is_dino(aggregate):
     torch.manual_seed(0); bb = tiny_vit()
     torch.manual_seed(1); dino = DINO(copy.deepcopy(bb), 16, 1, (0.3,), (0.3,), DINOConfig(**SMALL))
-    torch.manual_seed(1); mt = MultiTeacher(copy.deepcopy(bb), 16, 1, (0.3,), (0.3,), MultiTeacherConfig(momenta=(0.99,), aggregate=aggregate, **SMALL))
+    torch.manual_seed(1)
+    mt = MultiTeacher(copy.deepcopy(bb), 16, 1, (0.3,), (0.3,),
+                      MultiTeacherConfig(momenta=(0.99,), aggregate=aggregate, **SMALL))
     exact = aggregate != 'mean_logprobs'   # log then softmax rounds
     for step in range(2):
         ld, _ = dino.training_step(batch(seed=step), torch.Generator().manual_seed(step), step, 10)
@@ -191,7 +198,8 @@ def test_float32_loss_and_centres_under_bf16_autocast():
     loss.backward()
 
 
-SIGNALS = ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std', 'effective_rank')
+SIGNALS = ('teacher_entropy', 'teacher_mean_entropy', 'ln_K', 'kl_teacher_student', 'agreement', 'feature_std',
+           'effective_rank')
 
 def test_logs_collapse_signals_and_per_teacher_numbers():
     m = tiny(MultiTeacherConfig(aggregate='entropy_weighted', **SMALL))
@@ -220,13 +228,13 @@ def test_next_stage_reinitialises_student_and_snapshots_teacher():
     assert states_equal(m.frozen[0], old_teacher)                     # the snapshot: weights and centre
     assert m.frozen[0].center.abs().sum() > 0
     for (k, a), b in zip(m.student.named_parameters(), old_student.parameters()):
-        if a.requires_grad: assert not torch.equal(a, b), k           # every trained weight is new (the fixed gain stays 1)
-    assert [id(p) for p in m.student.parameters()] == params           # in place: an optimiser could keep its references
-    for t in m.teachers:                                              # EMA teachers restart from the new student, centres at 0
+        if a.requires_grad: assert not torch.equal(a, b), k   # every trained weight is new (the fixed gain stays 1)
+    assert [id(p) for p in m.student.parameters()] == params   # in place: an optimiser could keep its references
+    for t in m.teachers:                                      # EMA teachers restart from the new student, centres at 0
         assert states_equal(t.net, m.student) and t.center.abs().sum() == 0
     snap = copy.deepcopy(m.frozen[0])
     train(m, 2, total=10, seed=5)
-    assert states_equal(m.frozen[0].net, snap.net)                    # the frozen teacher shares nothing with the student
+    assert states_equal(m.frozen[0].net, snap.net)            # the frozen teacher shares nothing with the student
 
 
 def test_next_stage_with_a_fresh_backbone_and_errors():
@@ -277,7 +285,8 @@ def test_distilling_a_frozen_teacher_lowers_the_loss():
     after = signals()
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, losses
-    assert after['kl_teacher_student'] < before['kl_teacher_student'] / 4   # the student matches the teacher, not just lower entropy
+    # the student matches the teacher, not just a lower entropy
+    assert after['kl_teacher_student'] < before['kl_teacher_student'] / 4
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -349,6 +358,7 @@ def test_multi_level_loss_with_a_vit():
 def test_multi_level_errors_without_a_vit():
     for bb, match in ((bn_cnn(), 'use a ViT backbone'), (tiny_vit(depth=1), 'depth >= 2')):
         with pytest.raises(ValueError, match=match): tiny(MultiTeacherConfig(level_weight=0.5, **SMALL), backbone=bb)
-    with pytest.raises(ValueError, match='before the last'): tiny(MultiTeacherConfig(level_weight=0.5, level_block=-1, **SMALL))
+    with pytest.raises(ValueError, match='before the last'):
+        tiny(MultiTeacherConfig(level_weight=0.5, level_block=-1, **SMALL))
     with pytest.raises(ValueError, match='before the last'): check_level_block(tiny_vit(depth=2), 5)
     tiny(MultiTeacherConfig(**SMALL), backbone=bn_cnn())   # without the level loss a CNN is fine

@@ -83,7 +83,8 @@ def test_distance_potential_of_identical_points_is_zero():
     assert torch.equal(distance_potential(torch.ones(4, 3, **F64)), torch.zeros(4, 4, **F64))
     # student collapsed onto a point against a teacher with mean potential 1 over its pairs
     t = rand(5, 3)
-    assert rkd_distance_loss(torch.ones(5, 2, **F64), t).item() == pytest.approx(distance_loss_loops(torch.ones(5, 2, **F64), t), abs=1e-14)
+    ones = torch.ones(5, 2, **F64)
+    assert rkd_distance_loss(ones, t).item() == pytest.approx(distance_loss_loops(ones, t), abs=1e-14)
 
 
 @pytest.mark.parametrize('loss', ANGLE_LOSSES)
@@ -312,7 +313,8 @@ from sslkd.rkd import rkd_distance_loss_sets, rkd_angle_loss_sets
 def loop(loss, s, t, **kw):
     return torch.stack([loss(a, b, **kw) for a, b in zip(s.flatten(0, -3), t.flatten(0, -3))]).view(s.shape[:-2])
 
-@pytest.mark.parametrize('one,many,kw', [(rkd_distance_loss, rkd_distance_loss_sets, {}), (rkd_angle_loss, rkd_angle_loss_sets, {}),
+@pytest.mark.parametrize('one,many,kw', [(rkd_distance_loss, rkd_distance_loss_sets, {}),
+                                         (rkd_angle_loss, rkd_angle_loss_sets, {}),
                                          (rkd_angle_loss, rkd_angle_loss_sets, dict(chunk_size=4)),
                                          (rkd_angle_loss, rkd_angle_loss_sets, dict(chunk_size=100))])
 def test_stacked_sets_match_the_loop_over_sets(one, many, kw):
@@ -321,22 +323,29 @@ def test_stacked_sets_match_the_loop_over_sets(one, many, kw):
     w = rand(2, 3, seed=3)                                             # a weight per set: each set's own gradient
     ref, ref_grad = value_and_grad(lambda a, b, **k: (loop(one, a, b, **k) * w).sum(), s, t, **kw)
     val, grad = value_and_grad(lambda a, b, **k: (many(a, b, **k) * w).sum(), s, t, **kw)
-    torch.testing.assert_close(val, ref, rtol=1e-12, atol=1e-12); torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(val, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     assert many(s, t, **kw).shape == (2, 3)
-    torch.testing.assert_close(many(s[1, 1], t[1, 1], **kw), one(s[1, 1], t[1, 1], **kw), rtol=1e-14, atol=1e-14)  # one set (N, D)
+    # one set (N, D)
+    torch.testing.assert_close(many(s[1, 1], t[1, 1], **kw), one(s[1, 1], t[1, 1], **kw), rtol=1e-14, atol=1e-14)
 
 def test_stacked_angle_groups_sets_within_the_budget(monkeypatch):
     import sslkd.rkd as rkd
-    monkeypatch.setattr(rkd, '_element_budget', lambda device: 3 * 7 * 7)  # 3 sets of N=7 per group: 10 sets make 4 groups
+    # 3 sets of N=7 per group: 10 sets make 4 groups
+    monkeypatch.setattr(rkd, '_element_budget', lambda device: 3 * 7 * 7)
     s, t = rand(10, 7, 3, seed=4), rand(10, 7, 5, seed=5)
     torch.testing.assert_close(rkd_angle_loss_sets(s, t), loop(rkd_angle_loss, s, t), rtol=1e-12, atol=1e-12)
-    # 4 sets of N=12: one set per group, one apex per chunk, so no buffer beyond 12 * 12 (all four at once would be 4 * 12 * 12)
-    assert largest_tensor(lambda a, b: rkd_angle_loss_sets(a.view(4, 12, -1), b.view(4, 12, -1)).sum(), 48, 8) <= 48 * 8  # the input's size
+    # 4 sets of N=12: one set per group, one apex per chunk, so no buffer beyond 12 * 12 (all four at once would be
+    # 4 * 12 * 12); the largest tensor is the input
+    loss = lambda a, b: rkd_angle_loss_sets(a.view(4, 12, -1), b.view(4, 12, -1)).sum()
+    assert largest_tensor(loss, 48, 8) <= 48 * 8
 
 def test_stacked_sets_edge_cases():
     assert rkd_angle_loss_sets(torch.randn(0, 5, 3), torch.randn(0, 5, 2)).shape == (0,)
     assert rkd_distance_loss_sets(torch.randn(0, 5, 3), torch.randn(0, 5, 2)).shape == (0,)
-    with pytest.raises(ValueError, match='same samples'): rkd_angle_loss_sets(torch.randn(4, 5, 3), torch.randn(5, 4, 3))
+    with pytest.raises(ValueError, match='same samples'):
+        rkd_angle_loss_sets(torch.randn(4, 5, 3), torch.randn(5, 4, 3))
     with pytest.raises(ValueError, match=r'\(\.\.\., N, D\)'): rkd_distance_loss_sets(torch.randn(3), torch.randn(3))
-    with pytest.raises(ValueError, match='positive int'): rkd_angle_loss_sets(torch.randn(2, 4, 3), torch.randn(2, 4, 3), chunk_size=0)
+    with pytest.raises(ValueError, match='positive int'):
+        rkd_angle_loss_sets(torch.randn(2, 4, 3), torch.randn(2, 4, 3), chunk_size=0)
     with pytest.raises(ValueError, match='at least 3'): rkd_angle_loss_sets(torch.randn(4, 2, 3), torch.randn(4, 2, 3))
