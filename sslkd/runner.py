@@ -18,7 +18,7 @@ from .viz import (read_metrics, plot_loss_curves, plot_knn_curves, plot_collapse
                        plot_attention_maps)
 
 # %% auto #0
-__all__ = ['ACCURACIES', 'PRESETS', 'split_train_val', 'write_results', 'evaluate_method', 'RunResult', 'run',
+__all__ = ['ACCURACIES', 'PRESETS', 'PRESET_ALIASES', 'split_train_val', 'write_results', 'evaluate_method', 'RunResult', 'run',
            'evaluate_checkpoint', 'Row', 'run_rows', 'summarize', 'results_markdown', 'comparison_plots', 'Preset',
            'get_preset', 'compare']
 
@@ -309,8 +309,11 @@ PRESETS = {
                                      'trained by BYOL alone, and the same CNN distilled from the teacher for the same '
                                      'epochs, with two ablations and centred targets'),
 }
+PRESET_ALIASES = {'seed000': 'short-training', 'seed001': 'rkd-cifar10', 'seed002': 'kassl'}  # former names, still accepted
+
 def get_preset(name):
-    "The preset called `name`."
+    "The preset called `name` (or one of its former names)."
+    name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return name, PRESETS[name]
 
