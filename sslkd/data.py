@@ -128,7 +128,7 @@ def fashion_file(f, data_dir=None, download=True):
     where = f"Fashion-MNIST file {f.name}[.gz] is not in {', '.join(map(str, dirs))}"
     fix = ("Fix: re-run with network access, set $SSLKD_FASHION_MIRROR to a mirror you can reach, copy the four "
            "files into one of those folders (or pass data_dir=), or apt-get install dataset-fashion-mnist.")
-    if not download: raise DataError(f"{where}, and download=False. {fix}")
+    if not download: raise DataError(f"{where}; downloading is off (download=True would fetch it). {fix}")
     dest = _download_dir(data_dir) / 'fashion-mnist' / (f.name + '.gz')
     try: return download_any([m + f.name + '.gz' for m in fashion_mirrors()], dest, f.gz_sha256)
     except DownloadError as e: raise DataError(f"{where}, and downloading it to {dest} failed: {e.why}. {fix}") from e
@@ -189,8 +189,9 @@ def _cifar_folder(spec, data_dir, download):
             archive = check_sha256(root / spec.archive, spec.sha256, "Delete it and re-run to download it again.")
             break
     if archive is None and not download:
-        raise DataError(f"neither {spec.folder}/ nor {spec.archive} is in {', '.join(map(str, roots))}, and "
-                        f"download=False. Download {spec.url} (sha256 {spec.sha256}) into one of them.")
+        raise DataError(f"neither {spec.folder}/ nor {spec.archive} is in {', '.join(map(str, roots))}; downloading is "
+                        f"off (download=True would fetch it). Download {spec.url} (sha256 {spec.sha256}) into "
+                        "one of them.")
     if archive is None:
         try: archive = download_any([spec.url], _download_dir(data_dir) / spec.archive, spec.sha256)
         except DownloadError as e:
