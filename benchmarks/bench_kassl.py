@@ -28,7 +28,8 @@ def finished(rows, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='runs/kassl'); p.add_argument('--seeds', default='0', help='comma-separated seeds')
-    p.add_argument('--epochs', type=float, default=None, help="epochs of the baseline and the students (default: the preset's)")
+    p.add_argument('--epochs', type=float, default=None,
+                   help="epochs of the baseline and the students (default: the preset's)")
     p.add_argument('--rows', default=None, help="';'-separated label prefixes of the rows to train (default: all)")
     a = p.parse_args()
     preset, out, seeds = PRESETS['kassl'], Path(a.out), [int(s) for s in a.seeds.split(',')]
@@ -49,9 +50,11 @@ def main():
         def versus(key):  # paired by seed: a row trained with seed 0 only is compared with the baseline's seed 0
             gaps = {r['seed']: r[key] - base_of[r['seed']][key] for r in v['rows'] if r['seed'] in base_of}
             return (f"{sum(gaps.values()) / len(gaps):+.2f} points over the baseline of the same seeds (" +
-                    ', '.join(f's{seed} {gap:+.2f}' for seed, gap in gaps.items()) + ')') if gaps else 'no baseline of the same seeds'
+                    ', '.join(f's{seed} {gap:+.2f}' for seed, gap in gaps.items()) + ')'
+                    if gaps else 'no baseline of the same seeds')
         print(f"{label} ({v['seeds']} seed{'s' * (v['seeds'] > 1)}): " + '; '.join(
-            f"{name} {v[key][0]:.2f} = {100 * v[key][0] / teacher[key][0]:.1f}% of the teacher ({teacher[key][0]:.2f}), {versus(key)}"
+            f"{name} {v[key][0]:.2f} = {100 * v[key][0] / teacher[key][0]:.1f}% of the teacher "
+            f"({teacher[key][0]:.2f}), {versus(key)}"
             for name, key in (('kNN@1', 'knn_top1'), ('linear@1', 'linear_top1')) if v[key] and teacher[key]))
     print(f"plots: {', '.join(str(q) for q in comparison_plots(rows, out))}")
 

@@ -1,4 +1,5 @@
-"""Peak memory and time of RKD's angle loss, forward + backward: naive (N x N x D and N x N x N tensors) vs fast (Gram, chunked).
+"""Peak memory and time of RKD's angle loss, forward + backward: naive (N x N x D and N x N x N tensors) vs fast
+(Gram, chunked).
 
     python benchmarks/bench_rkd.py [--device cpu|cuda] [--sizes 256,512,1024] [--dim 256] [--chunk auto] [--repeats 3]
 
@@ -63,12 +64,14 @@ def child(impl, n, dim, chunk, device, repeats, max_seconds):
     if dev.type == 'cuda': peak, upper_bound = torch.cuda.max_memory_allocated(dev) - base, False
     else:
         hwm = peak_rss_bytes()
-        peak, upper_bound = hwm - base, hwm <= hwm_before  # high-water mark not exceeded: the step's peak is at most this
+        # high-water mark not exceeded: the step's peak is at most this
+        peak, upper_bound = hwm - base, hwm <= hwm_before
     times = []
     while len(times) < repeats and (not times or first + sum(times) < max_seconds):
         t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps(dict(peak_mb=peak / 2**20, upper_bound=upper_bound, ms=1e3 * times[len(times) // 2], runs=len(times))))
+    print(json.dumps(dict(peak_mb=peak / 2**20, upper_bound=upper_bound, ms=1e3 * times[len(times) // 2],
+                          runs=len(times))))
 
 
 def available_bytes(device):
@@ -101,7 +104,8 @@ def main(a):
     sizes = [int(x) for x in a.sizes.split(',')]
     print(f"RKD angle loss, forward + backward, float32, dim {a.dim}, device {a.device}, chunk {a.chunk}, "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')} threads (OMP_NUM_THREADS)")
-    print(f"{'N':>6} {'naive MB':>10} {'fast MB':>9} {'mem ratio':>10} {'naive ms':>10} {'fast ms':>9} {'fast/naive time':>16}")
+    print(f"{'N':>6} {'naive MB':>10} {'fast MB':>9} {'mem ratio':>10} {'naive ms':>10} {'fast ms':>9} "
+          f"{'fast/naive time':>16}")
     rows = []
     for n in sizes:
         nv, fs = measure('naive', n, a), measure('fast', n, a)
@@ -109,7 +113,8 @@ def main(a):
         ratio = f"{nv['peak_mb'] / max(fs['peak_mb'], 1e-3):.1f}x" if both else '-'
         tratio = f"{fs['ms'] / nv['ms']:.2f}" if both else '-'
         print(f"{n:>6} {fmt_mb(nv):>10} {fmt_mb(fs):>9} {ratio:>10} {nv.get('ms', float('nan')):>10.0f} "
-              f"{fs.get('ms', float('nan')):>9.0f} {tratio:>16}" + (f"   naive {nv['skipped']}" if 'skipped' in nv else '')
+              f"{fs.get('ms', float('nan')):>9.0f} {tratio:>16}"
+              + (f"   naive {nv['skipped']}" if 'skipped' in nv else '')
               + (f"   fast {fs['skipped']}" if 'skipped' in fs else ''), flush=True)
         rows.append(dict(n=n, naive=nv, fast=fs))
     return rows

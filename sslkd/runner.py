@@ -309,7 +309,8 @@ PRESETS = {
                                      'trained by BYOL alone, and the same CNN distilled from the teacher for the same '
                                      'epochs, with two ablations and centred targets'),
 }
-PRESET_ALIASES = {'seed000': 'short-training', 'seed001': 'rkd-cifar10', 'seed002': 'kassl'}  # former names, still accepted
+# former names, still accepted
+PRESET_ALIASES = {'seed000': 'short-training', 'seed001': 'rkd-cifar10', 'seed002': 'kassl'}
 
 def get_preset(name):
     "The preset called `name` (or one of its former names)."

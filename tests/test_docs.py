@@ -48,23 +48,28 @@ def _png():
 def test_render_notebook():
     nb = {'nbformat': 4, 'nbformat_minor': 5, 'metadata': {}, 'cells': [
         {'cell_type': 'raw', 'metadata': {}, 'source': '---\ntitle: T\n---\n'},
-        {'cell_type': 'markdown', 'metadata': {}, 'source': '## Loss\n\nThe loss $\\sum_i x_i$, see [RKD](12_rkd.ipynb#angle).\n\n$$\\frac{1}{N}$$'},
-        {'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'source': '#| echo: false\n#| output: asis\nshow_doc(f)',
+        {'cell_type': 'markdown', 'metadata': {},
+         'source': '## Loss\n\nThe loss $\\sum_i x_i$, see [RKD](12_rkd.ipynb#angle).\n\n$$\\frac{1}{N}$$'},
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None,
+         'source': '#| echo: false\n#| output: asis\nshow_doc(f)',
          'outputs': [{'output_type': 'display_data', 'metadata': {},
                       'data': {'text/markdown': '### f\n\n[source](https://github.com/x/y.py#L1){target="_blank"}', 'text/plain': 'f'}}]},
         {'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'source': 'plot()',
-         'outputs': [{'output_type': 'display_data', 'metadata': {}, 'data': {'image/png': _png(), 'text/plain': 'fig'}}]},
-        {'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'source': '#| include: false\nsecret()', 'outputs': []}]}
+         'outputs': [{'output_type': 'display_data', 'metadata': {},
+                      'data': {'image/png': _png(), 'text/plain': 'fig'}}]},
+        {'cell_type': 'code', 'metadata': {}, 'execution_count': None, 'source': '#| include: false\nsecret()',
+         'outputs': []}]}
     body, toc = docs.render_notebook(nb, {'12_rkd.ipynb': 'rkd.html'})
     assert toc == [('loss', 'Loss')]
     assert body.count('<math') == 2 and '$' not in body
     assert 'href="rkd.html#angle"' in body
     assert 'show_doc' not in body and '#|' not in body and 'secret' not in body   # echo: false, include: false
-    assert '<h3 id="f"' in body and '{target' not in body                             # the API entry, its anchor
-    assert 'src="data:image/png;base64,' in body and '>plot<' in body                  # the plot and its (highlighted) code
-    assert 'title: T' not in body                                                      # front matter is not content
+    assert '<h3 id="f"' in body and '{target' not in body                         # the API entry, its anchor
+    assert 'src="data:image/png;base64,' in body and '>plot<' in body             # the plot and its (highlighted) code
+    assert 'title: T' not in body                                                 # front matter is not content
 
-chromium = pytest.mark.skipif(check_docs.find_chromium() is None, reason='needs Chromium (apt-get install chromium); .ci/run installs it')
+chromium = pytest.mark.skipif(check_docs.find_chromium() is None,
+                              reason='needs Chromium (apt-get install chromium); .ci/run installs it')
 
 def _site(tmp_path, pages):
     for name, body in pages.items():
@@ -75,16 +80,22 @@ TEXT = 'Self-distillation trains a student to match an EMA teacher. ' * 5
 
 @chromium
 def test_browser_check_passes_a_good_site(tmp_path):
-    site = _site(tmp_path, {'index.html': f'<h1 id="top">Home</h1><p>{TEXT}</p><a href="a.html#sec">a</a><a href="https://example.com/x">out</a>',
-                            'a.html': f'<h2 id="sec">A</h2><p>{TEXT}</p><a href="index.html#top">home</a><img src="data:image/png;base64,{_png()}">'})
-    pages, n_links, problems = check_docs.check(site, tmp_path / 'shots', shot_pages=(('index.html', False), ('a.html', True)))
+    site = _site(tmp_path, {
+        'index.html': f'<h1 id="top">Home</h1><p>{TEXT}</p><a href="a.html#sec">a</a>'
+                      '<a href="https://example.com/x">out</a>',
+        'a.html': f'<h2 id="sec">A</h2><p>{TEXT}</p><a href="index.html#top">home</a>'
+                  f'<img src="data:image/png;base64,{_png()}">'})
+    pages, n_links, problems = check_docs.check(site, tmp_path / 'shots',
+                                                shot_pages=(('index.html', False), ('a.html', True)))
     assert problems == [] and sorted(pages) == ['a.html', 'index.html'] and n_links == 2
     assert (tmp_path / 'shots' / 'index.png').exists() and (tmp_path / 'shots' / 'a.png').exists()
 
 @chromium
 def test_browser_check_finds_broken_links_and_blank_pages(tmp_path):
-    site = _site(tmp_path, {'index.html': f'<p>{TEXT}</p><a href="missing.html">m</a><a href="a.html#nowhere">n</a><a href="blank.html">b</a>',
-                            'a.html': f'<p>{TEXT}</p>', 'blank.html': '', 'math.html': f'<p>{TEXT} $$x^2$$</p>'})
+    site = _site(tmp_path, {
+        'index.html': f'<p>{TEXT}</p><a href="missing.html">m</a><a href="a.html#nowhere">n</a>'
+                      '<a href="blank.html">b</a>',
+        'a.html': f'<p>{TEXT}</p>', 'blank.html': '', 'math.html': f'<p>{TEXT} $$x^2$$</p>'})
     _, _, problems = check_docs.check(site)
     text = '\n'.join(problems)
     assert 'broken link missing.html (no page missing.html)' in text

@@ -66,7 +66,8 @@ def test_split_train_val_disjoint_and_seeded():
     assert not torch.equal(split_train_val(d, 0.2, seed=2)[1].x, va.x)
 
 
-@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher', 'simclr', 'moco', 'byol', 'mae'])
+@pytest.mark.parametrize('method', ['random', 'dino', 'ibot', 'ibot_rkd_da', 'ibot_rkd_struct', 'multi_teacher',
+                                    'simclr', 'moco', 'byol', 'mae'])
 def test_train_then_eval_roundtrip(method, folder, tmp_path, capsys):
     out = tmp_path / method
     cli(['train', '--method', method, '--data', f'folder:{folder}', '--epochs', '2', '--out', str(out), *TINY], capsys)
@@ -90,9 +91,11 @@ def test_resume_continues_and_refuses_other_config(folder, tmp_path, capsys):
     out = tmp_path / 'r'
     cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(out), *TINY], capsys)
     assert load_checkpoint(out / 'checkpoint.pt')['step'] == 3
-    cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '2', '--resume', '--out', str(out), *TINY], capsys)
+    cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '2', '--resume', '--out', str(out),
+         *TINY], capsys)
     assert load_checkpoint(out / 'checkpoint.pt')['step'] == 6
-    assert main(['train', '--method', 'ibot', '--data', f'folder:{folder}', '--epochs', '2', '--resume', '--out', str(out), *TINY]) == 2
+    assert main(['train', '--method', 'ibot', '--data', f'folder:{folder}', '--epochs', '2', '--resume',
+                 '--out', str(out), *TINY]) == 2
     err = capsys.readouterr().err
     assert 'another configuration' in err and "meta.method: checkpoint 'dino' vs now 'ibot'" in err
 
@@ -109,7 +112,8 @@ def test_build_method_from_description_roundtrip():
     x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
     d = ImageData(x, torch.zeros(4, dtype=torch.long), ['a'], (0.3,), (0.3,))
     for name in METHODS:
-        cfg = METHODS[name].make_config(teacher_arch='small_cnn') if name == 'kassl' else None  # kassl records its teacher
+        # kassl records its teacher
+        cfg = METHODS[name].make_config(teacher_arch='small_cnn') if name == 'kassl' else None
         desc = json.loads(json.dumps(describe(name, 'vit_nano', 4, d, cfg, dataset='fashion_mnist')))
         m1, m2 = build_method(desc), build_method(desc)
         assert type(m1) is METHODS[name].cls
@@ -128,12 +132,14 @@ def test_set_overrides_a_variant_setting_but_not_its_identity():
 
 def test_multi_stage_training(folder, tmp_path, capsys):
     out = tmp_path / 'ms'
-    argv = ['train', '--method', 'multi_teacher', '--data', f'folder:{folder}', '--epochs', '2', '--stages', '2', '--out', str(out), *TINY]
+    argv = ['train', '--method', 'multi_teacher', '--data', f'folder:{folder}', '--epochs', '2', '--stages', '2',
+            '--out', str(out), *TINY]
     text = cli(argv, capsys).out
     assert 'stage 2/2: teacher frozen (1 frozen)' in text
     first, last = load_checkpoint(out / 'stage1' / 'checkpoint.pt'), load_checkpoint(out / 'checkpoint.pt')
     assert first['step'] == last['step'] == 3  # 2 epochs over 2 stages: 1 epoch (3 steps) each
-    assert not any(k.startswith('frozen.') for k in first['method']) and any(k.startswith('frozen.0.') for k in last['method'])
+    assert (not any(k.startswith('frozen.') for k in first['method'])
+            and any(k.startswith('frozen.0.') for k in last['method']))
     # the frozen teacher is stage 1's evaluated (slowest EMA) teacher
     k = next(k for k in first['method'] if k.startswith('teachers.1.net.backbone.'))
     assert torch.equal(first['method'][k], last['method'][k.replace('teachers.1.', 'frozen.0.')])
@@ -148,9 +154,11 @@ def test_multi_stage_training(folder, tmp_path, capsys):
 
 
 def test_val_split_run_is_scored_on_validation_not_test(folder, tmp_path, capsys):
-    "With --val-split the final numbers are the validation split's (the same as the last periodic kNN), never the test split's."
+    """With --val-split the final numbers are the validation split's (the same as the last periodic kNN), never the
+    test split's."""
     out = tmp_path / 'v'
-    text = cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--val-split', '0.25', '--out', str(out), *TINY], capsys).out
+    text = cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--val-split', '0.25',
+                '--out', str(out), *TINY], capsys).out
     row = json.loads((out / 'results.json').read_text())['rows'][0]
     last = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if 'knn_top1' in l][-1]
     assert row['split'] == 'val 0.25' and 'val 0.25 split' in text
@@ -189,7 +197,8 @@ def test_compare_writes_table_plots_and_skips_finished_runs(folder, tmp_path, ca
     assert {r['epochs'] for r in res if r['method'] == 'dino'} == {1.0}
     md = (out / 'results.md').read_text()
     assert md.count('| random |') == 1 and md.count('| dino |') == 1
-    for png in ('loss', 'knn', 'collapse', 'agreement', 'attention_dino'): assert (out / f'{png}.png').stat().st_size > 1000
+    for png in ('loss', 'knn', 'collapse', 'agreement', 'attention_dino'):
+        assert (out / f'{png}.png').stat().st_size > 1000
     fake = FakeRun()
     monkeypatch.setattr(runner, 'run', fake)
     cli(argv, capsys)  # every run finished: nothing is trained again
@@ -228,12 +237,15 @@ def test_presets_have_names_that_say_what_they_show_and_keep_their_old_ones():
 
 
 def test_kassl_from_a_teacher_checkpoint(folder, tmp_path, capsys):
-    "Train a teacher, distil it into a small CNN through the CLI; the kassl checkpoint reloads without the teacher's file."
-    cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 't'), *TINY], capsys)
+    """Train a teacher, distil it into a small CNN through the CLI; the kassl checkpoint reloads without the teacher's
+    file."""
+    cli(['train', '--method', 'dino', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 't'),
+         *TINY], capsys)
     (tmp_path / 't2').mkdir(); (tmp_path / 't' / 'checkpoint.pt').rename(tmp_path / 't2' / 'checkpoint.pt')
     out = tmp_path / 'k'
-    cli(['train', '--method', 'kassl', '--teacher', str(tmp_path / 't2' / 'checkpoint.pt'), '--student-arch', 'small_cnn',
-         '--data', f'folder:{folder}', '--epochs', '2', '--batch-size', '12', '--out', str(out), '--no-progress', '--no-linear'], capsys)
+    cli(['train', '--method', 'kassl', '--teacher', str(tmp_path / 't2' / 'checkpoint.pt'),
+         '--student-arch', 'small_cnn', '--data', f'folder:{folder}', '--epochs', '2', '--batch-size', '12',
+         '--out', str(out), '--no-progress', '--no-linear'], capsys)
     row = json.loads((out / 'results.json').read_text())['rows'][0]
     assert (row['method'], row['arch'], row['epochs']) == ('kassl', 'small_cnn', 2)
     (tmp_path / 't2' / 'checkpoint.pt').unlink()  # the teacher's weights travel inside the kassl checkpoint
@@ -264,15 +276,17 @@ def test_row_options_name_other_rows_checkpoints(tmp_path):
 
 
 def test_a_once_row_trains_one_seed_that_every_seed_uses(tmp_path, monkeypatch):
-    "A pretrained teacher trains once; the students of seeds 3 and 4 both distil the seed-3 teacher."
+    "A pretrained teacher trains once; the students of seeds 3 and 4 both distil the teacher trained with seed 3."
     fake = FakeRun(); monkeypatch.setattr(runner, 'run', fake)
-    rows = [Row('byol', 'teacher', once=True), Row('kassl', 'student', {'teacher': '{teacher}', 'settings': {'no_aug': True}})]
+    rows = [Row('byol', 'teacher', once=True),
+            Row('kassl', 'student', {'teacher': '{teacher}', 'settings': {'no_aug': True}})]
     res = runner.run_rows(rows, 'fashion_mnist', tmp_path, [3, 4], epochs=1)
     assert [(c['method'], c['seed']) for c in fake.calls] == [('byol', 3), ('kassl', 3), ('kassl', 4)]
     assert {c['teacher'] for c in fake.calls[1:]} == {str(tmp_path / 'teacher-s3' / 'checkpoint.pt')}
     assert all(c['no_aug'] is True and 'settings' not in c for c in fake.calls[1:])  # settings go to the method
     assert [r['label'] for r in res] == ['teacher', 'student', 'student']
-    assert runner._fill('{teacher}', tmp_path, 4) == str(tmp_path / 'teacher-s4' / 'checkpoint.pt')  # not once: same seed
+    # not once: same seed
+    assert runner._fill('{teacher}', tmp_path, 4) == str(tmp_path / 'teacher-s4' / 'checkpoint.pt')
 
 
 @pytest.mark.parametrize('budget', [{'minutes': 2}, {'epochs': 3}])
@@ -287,6 +301,8 @@ def test_a_row_keeps_its_own_budget(tmp_path, monkeypatch, budget):
 
 def test_kassl_refuses_a_pooled_teacher(folder, tmp_path, capsys):
     "MAE is scored on pooled patch tokens; a teacher rebuilt from its architecture would give CLS features instead."
-    cli(['train', '--method', 'mae', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 'm'), *TINY], capsys)
-    assert main(['train', '--method', 'kassl', '--teacher', str(tmp_path / 'm' / 'checkpoint.pt'), '--data', f'folder:{folder}', *TINY]) == 2
+    cli(['train', '--method', 'mae', '--data', f'folder:{folder}', '--epochs', '1', '--out', str(tmp_path / 'm'),
+         *TINY], capsys)
+    assert main(['train', '--method', 'kassl', '--teacher', str(tmp_path / 'm' / 'checkpoint.pt'),
+                 '--data', f'folder:{folder}', *TINY]) == 2
     assert 'pooled patch tokens (mae)' in capsys.readouterr().err

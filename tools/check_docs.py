@@ -7,8 +7,9 @@ listing). From `index.html`, each page is loaded in Chromium (`--dump-dom`: the 
 and laid out the page) and fails if it is missing, renders blank (less than `--min-text` characters of visible
 text in its <main>), or shows unrendered math; each internal link must reach an existing page and, with a
 `#fragment`, an element with that id. Every HTML file of the site is opened too, linked or not. Screenshots of
-the index (its first screen) and of the whole attention-map page (viz.html) are saved and must not be blank. Exit status 1 on any problem.
-Chromium: Debian's `chromium` (apt-get install chromium), run with the flags in environment.md.
+the index (its first screen) and of the whole attention-map page (viz.html) are saved and must not be blank.
+Exit status 1 on any problem.
+Chromium: Debian's `chromium` (apt-get install chromium), run headless with the flags in `FLAGS` below.
 """
 import argparse, shutil, subprocess, sys, tempfile, threading, time
 from functools import partial
@@ -38,7 +39,8 @@ class Page(HTMLParser):
         if tag == 'math': self.n_math += 1
         if tag == 'img':
             self.n_img += 1
-            if not a.get('src', '').startswith('data:'): self.links.append(a.get('src', ''))  # an image file must exist too
+            if not a.get('src', '').startswith('data:'):
+                self.links.append(a.get('src', ''))  # an image file must exist too
     def handle_endtag(self, tag):
         if tag in ('script', 'style'): self._skip -= 1
         if tag == 'main': self._main -= 1
@@ -49,7 +51,8 @@ class Page(HTMLParser):
 
 def chromium(browser, *args, timeout=60):
     with tempfile.TemporaryDirectory() as profile:
-        r = subprocess.run([browser, *FLAGS, f'--user-data-dir={profile}', *args], capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([browser, *FLAGS, f'--user-data-dir={profile}', *args], capture_output=True, text=True,
+                           timeout=timeout)
     return r.stdout
 
 def serve(site):
@@ -57,7 +60,8 @@ def serve(site):
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *a): pass
     class Server(ThreadingHTTPServer):
-        def handle_error(self, request, client_address): pass  # the browser closing a connection early is not a site error
+        # the browser closing a connection early is not a site error
+        def handle_error(self, request, client_address): pass
     srv = Server(('127.0.0.1', 0), partial(Quiet, directory=str(site)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, f'http://127.0.0.1:{srv.server_address[1]}/'
@@ -66,7 +70,8 @@ def check(site, shots=None, browser=None, min_text=200, shot_pages=(('index.html
     "Open every page of `site` in Chromium; returns (pages checked, links checked, problems)."
     site, browser = Path(site), browser or find_chromium()
     if browser is None: sys.exit('no Chromium found: install it (apt-get install -y chromium) or pass --chromium PATH')
-    if not (site / 'index.html').exists(): sys.exit(f'{site}/index.html not found: build the site first with `python tools/docs.py`')
+    if not (site / 'index.html').exists():
+        sys.exit(f'{site}/index.html not found: build the site first with `python tools/docs.py`')
     srv, base = serve(site)
     try:
         pages, problems, n_links = {}, [], 0
@@ -92,14 +97,16 @@ def check(site, shots=None, browser=None, min_text=200, shot_pages=(('index.html
             page = pages.get(target)
             if target.endswith('.html'):
                 if page is None: problems.append(f'{src}: broken link {href} (no page {target})')
-                elif frag and frag not in page.ids: problems.append(f'{src}: broken link {href} (no id "{frag}" in {target})')
+                elif frag and frag not in page.ids:
+                    problems.append(f'{src}: broken link {href} (no id "{frag}" in {target})')
             elif not (site / target).is_file(): problems.append(f'{src}: broken link {href} (no file {target})')
         if shots:
             shots = Path(shots); shots.mkdir(parents=True, exist_ok=True)
             for name, full in shot_pages:  # (page, whole page?) the whole page is cut below its last non-white row
                 if pages.get(name) is None: problems.append(f'screenshot: no page {name}'); continue
                 png = shots / (Path(name).stem + '.png')
-                chromium(browser, f'--screenshot={png.resolve()}', f'--window-size=1280,{16000 if full else 1600}', base + name)
+                chromium(browser, f'--screenshot={png.resolve()}', f'--window-size=1280,{16000 if full else 1600}',
+                         base + name)
                 if not png.exists(): problems.append(f'screenshot of {name} was not written'); continue
                 if full: trim_bottom(png)
                 if blank_image(png): problems.append(f'screenshot of {name} is blank')
@@ -130,6 +137,7 @@ if __name__ == '__main__':
     ok = [n for n, pg in pages.items() if pg is not None]
     print(f'{len(ok)} pages opened in Chromium, {n_links} internal links followed, {len(problems)} problems, '
           f'{time.time() - t0:.0f} s; screenshots in {a.shots}')
-    for n in ok: print(f'  {n:28s} {len(pages[n].text):6d} chars  {pages[n].n_img:3d} images  {pages[n].n_math:3d} formulas  {len(pages[n].links):4d} links')
+    for n in ok: print(f'  {n:28s} {len(pages[n].text):6d} chars  {pages[n].n_img:3d} images  '
+                       f'{pages[n].n_math:3d} formulas  {len(pages[n].links):4d} links')
     for pr in problems: print('PROBLEM', pr)
     sys.exit(1 if problems else 0)

@@ -8,7 +8,8 @@ nbdev's half of that job (`nbdev.serve.proc_nbs`: directives, hidden cells, `sho
 function and class, links from backticked names to their docs) and replaces Quarto's half: nbconvert turns each
 processed notebook into HTML, LaTeX becomes MathML (latex2mathml; browsers draw it without scripts or network),
 and the navigation, titles and site name come from the same `nbs/sidebar.yml`, `nbs/nbdev.yml` and notebook front
-matter that `nbdev_docs` reads, so the two builds agree on pages, titles and order. Plots are the PNG outputs saved in the notebooks.
+matter that `nbdev_docs` reads, so the two builds agree on pages, titles and order. Plots are the PNG outputs saved
+in the notebooks.
 """
 import argparse, html, json, re, shutil, sys, time
 from pathlib import Path
@@ -67,7 +68,8 @@ def fix_ids_and_links(body, pages, site_url):
         hid = heading_id(inner)
         return f'<h{level} id="{hid}"{attrs}>{inner}<a class="anchor-link" href="#{hid}">¶</a></h{level}>'
     body = re.sub(r'<h([1-6])([^>]*)>(.*?)</h\1>', head, body, flags=re.S)
-    return re.sub(r'href="([^"]*)"', lambda m: f'href="{html.escape(rewrite_link(html.unescape(m.group(1)), pages, site_url))}"', body)
+    return re.sub(r'href="([^"]*)"',
+                  lambda m: f'href="{html.escape(rewrite_link(html.unescape(m.group(1)), pages, site_url))}"', body)
 
 # ---- math and the nbconvert exporter
 
@@ -92,7 +94,8 @@ def make_exporter():
         @pass_context  # as in HTMLExporter: the cell (and its attachments) come with the template context
         def markdown2html(self, context, source):
             cell = context.get('cell', {})
-            r = Renderer(escape=False, attachments=cell.get('attachments', {}), **self.lexer_options)  # images: files copied beside
+            r = Renderer(escape=False, attachments=cell.get('attachments', {}),  # images: files copied beside
+                         **self.lexer_options)
             return MarkdownWithMath(renderer=r).render(strip_quarto_attrs(source))
 
     return Exporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
@@ -112,7 +115,8 @@ def prepare(nb):
         if c['cell_type'] == 'code':
             opts, c['source'] = directives(c['source'])
             if opts.get('include') is False: continue
-            if opts.get('echo') is False or not c['source'].strip(): c.setdefault('metadata', {})['transient'] = {'remove_source': True}
+            if opts.get('echo') is False or not c['source'].strip():
+                c.setdefault('metadata', {})['transient'] = {'remove_source': True}
             if opts.get('output') is False: c['outputs'] = []
             if not c['source'].strip() and not c.get('outputs'): continue
         cells.append(c)
@@ -124,7 +128,8 @@ def render_notebook(nb, pages, site_url='', exporter=None):
     "A processed notebook (dict) as an HTML fragment, and its table of contents [(id, h2 text)]."
     body, _ = (exporter or make_exporter()).from_notebook_node(prepare(nb))
     body = fix_ids_and_links(body, pages, site_url)
-    toc = [(i, html.unescape(re.sub(r'<[^>]+>|¶', '', t)).strip()) for i, t in re.findall(r'<h2 id="([^"]+)"[^>]*>(.*?)</h2>', body, re.S)]
+    toc = [(i, html.unescape(re.sub(r'<[^>]+>|¶', '', t)).strip())
+           for i, t in re.findall(r'<h2 id="([^"]+)"[^>]*>(.*?)</h2>', body, re.S)]
     return body, toc
 
 # ---- the page around the notebook
@@ -141,18 +146,22 @@ body { margin: 0; font: 16px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, 
 header { background: #2780e3; color: white; padding: .6rem 1.2rem; display: flex; gap: 1.5rem; align-items: baseline; }
 header a { color: white; text-decoration: none; } header .title { font-size: 1.25rem; font-weight: 600; }
 .layout { display: flex; align-items: flex-start; }
-nav.sidebar { width: 250px; flex: none; padding: 1rem; position: sticky; top: 0; max-height: 100vh; overflow-y: auto; font-size: .92rem; }
+nav.sidebar { width: 250px; flex: none; padding: 1rem; position: sticky; top: 0; max-height: 100vh; \
+overflow-y: auto; font-size: .92rem; }
 nav.sidebar .section { font-weight: 600; margin: .9rem 0 .2rem; color: #555; }
 nav.sidebar a { display: block; padding: .12rem .4rem; color: #333; text-decoration: none; border-radius: 4px; }
 nav.sidebar a.active { background: #e7f1fc; color: #2780e3; font-weight: 600; }
 main { flex: 1; min-width: 0; max-width: 980px; padding: 1rem 2rem 4rem; }
-main h1.title { margin-bottom: .2rem; } p.description { font-style: italic; opacity: .75; font-size: 1.15rem; margin-top: 0; }
+main h1.title { margin-bottom: .2rem; } \
+p.description { font-style: italic; opacity: .75; font-size: 1.15rem; margin-top: 0; }
 nav.toc { border-left: 3px solid #e7f1fc; padding-left: .8rem; margin: 1rem 0 1.5rem; font-size: .92rem; }
 nav.toc a { display: block; color: #2780e3; text-decoration: none; }
 a.anchor-link { margin-left: .4rem; font-size: .8em; opacity: .25; text-decoration: none; }
 pre, code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .88em; }
-.jp-InputArea pre, .highlight pre { background: #f6f8fa; padding: .6rem .8rem; border-radius: 4px; overflow-x: auto; margin: .4rem 0; }
-.jp-OutputArea-output pre { margin: .2rem 0 .6rem .8rem; padding-left: .6rem; border-left: 2px solid lightsalmon; overflow-x: auto; }
+.jp-InputArea pre, .highlight pre { background: #f6f8fa; padding: .6rem .8rem; border-radius: 4px; overflow-x: auto; \
+margin: .4rem 0; }
+.jp-OutputArea-output pre { margin: .2rem 0 .6rem .8rem; padding-left: .6rem; border-left: 2px solid lightsalmon; \
+overflow-x: auto; }
 .jp-OutputArea-output img { max-width: 100%; height: auto; }
 .jp-RenderedHTMLCommon table, main table { border-collapse: collapse; margin: .6rem 0; }
 main th, main td { border-bottom: 1px solid #dee2e6; padding: .25rem .6rem; text-align: right; }
@@ -211,22 +220,27 @@ def build(out=None, n_workers=2, force=False):
     nav += [('Other pages', (f, pages[f], meta[f].get('title') or f)) for f in unlisted]
     if out.exists(): shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / 'site.css').write_text(CSS + HtmlFormatter().get_style_defs('.highlight') + '\n' + (nbs / 'styles.css').read_text())
+    (out / 'site.css').write_text(CSS + HtmlFormatter().get_style_defs('.highlight') + '\n'
+                                  + (nbs / 'styles.css').read_text())
     for f in proc.rglob('*'):  # images and other files the notebooks link to
         if f.is_file() and f.suffix not in ('.ipynb', '.yml', '.css'):
-            (out / f.relative_to(proc)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, out / f.relative_to(proc))
+            (out / f.relative_to(proc)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out / f.relative_to(proc))
     exporter = make_exporter()
     for name, nb in notebooks.items():
         m = meta[name]
         body, toc = render_notebook(nb, pages, site['url'], exporter)
-        (out / pages[name]).write_text(page(m.get('title') or name, m.get('description', ''), body, nav, toc, site, pages[name]))
-    print(f"built {len(notebooks)} pages into {out} in {time.time() - t0:.0f} s (nbdev processing + nbconvert, navigation from {nbs}/sidebar.yml)")
+        (out / pages[name]).write_text(page(m.get('title') or name, m.get('description', ''), body, nav, toc, site,
+                                            pages[name]))
+    print(f"built {len(notebooks)} pages into {out} in {time.time() - t0:.0f} s "
+          f"(nbdev processing + nbconvert, navigation from {nbs}/sidebar.yml)")
     return out
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', help="output folder (default: settings.ini's doc_path, _docs)")
     p.add_argument('--workers', type=int, default=2, help='processes for nbdev processing')
-    p.add_argument('--force', action='store_true', help="re-process every notebook (nbdev caches _proc/ by modification time)")
+    p.add_argument('--force', action='store_true',
+                   help="re-process every notebook (nbdev caches _proc/ by modification time)")
     a = p.parse_args()
     build(a.out, a.workers, a.force)

@@ -3,7 +3,8 @@
     python tools/house.py          # prints the figures; exit 1 if a rule is broken
 
 Rules: no module over 400 lines (the generated `_modidx.py` aside), no line over 120 characters in the library,
-notebooks, tests, benchmarks and tools (nbdev's generated `__all__` lists aside), and no reference to documents outside the repository.
+notebooks, tests, benchmarks and tools (nbdev's generated `__all__` lists aside), and no reference to documents
+outside the repository.
 """
 import json, re, sys
 from pathlib import Path

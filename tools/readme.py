@@ -9,8 +9,10 @@ from pathlib import Path
 root = Path(__file__).resolve().parent.parent
 
 def _from_root(md):
-    "Links and images relative to nbs/ (`02_vit.ipynb`, `images/x.png`) as seen from the repository root, where README.md is."
-    return re.sub(r'(\]\()(?![a-z]+:|#|/)([^)\s]+)', lambda m: m.group(1) + ('nbs/' + m.group(2) if (root/'nbs'/m.group(2).split('#')[0]).exists() else m.group(2)), md)
+    """Links and images relative to nbs/ (`02_vit.ipynb`, `images/x.png`) as seen from the repository root, where
+    README.md is."""
+    return re.sub(r'(\]\()(?![a-z]+:|#|/)([^)\s]+)', lambda m: m.group(1) + (
+        'nbs/' + m.group(2) if (root/'nbs'/m.group(2).split('#')[0]).exists() else m.group(2)), md)
 
 def render(nb_path):
     nb, out = json.loads(Path(nb_path).read_text()), []
@@ -22,10 +24,12 @@ def render(nb_path):
         if code: out.append(f'```python\n{code}\n```')
         text = ''.join(''.join(o.get('text', '')) for o in c.get('outputs', []) if o.get('output_type') == 'stream')
         if text.strip(): out.append(f'```\n{text.rstrip()}\n```')
-    return '<!-- generated from nbs/index.ipynb by tools/readme.py: edit the notebook, not this file -->\n\n' + '\n\n'.join(out) + '\n'
+    return ('<!-- generated from nbs/index.ipynb by tools/readme.py: edit the notebook, not this file -->\n\n'
+            + '\n\n'.join(out) + '\n')
 
 if __name__ == '__main__':
     text, dest = render(root/'nbs'/'index.ipynb'), root/'README.md'
     if '--check' in sys.argv:
-        if not dest.exists() or dest.read_text() != text: sys.exit('README.md is out of date: run `python tools/readme.py`')
+        if not dest.exists() or dest.read_text() != text:
+            sys.exit('README.md is out of date: run `python tools/readme.py`')
     else: dest.write_text(text); print('wrote', dest)
