@@ -401,3 +401,72 @@ def test_dino_views_of_real_fashion_mnist():
     # the always-blurred first view is smoother than the originals
     tv = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean()
     assert tv(g1) < tv(d.x[:64].float() / 255)
+
+def test_byol_and_simclr_presets_reuse_dino_and_moco():
+    half = (0.5,) * 3
+    dino, byol = multicrop_preset('dino', 32, 3, half, half), multicrop_preset('byol', 32, 3, half, half)
+    assert byol.n_local == 0 and byol.global_views == [replace(v, scale=(0.08, 1.0)) for v in dino.global_views]
+    moco, simclr = multicrop_preset('moco', 32, 3, half, half), multicrop_preset('simclr', 32, 3, half, half)
+    assert moco.global_views[0].saturation == 0.4 and moco.global_views[0].scale == (0.2, 1.0)
+    assert simclr.global_views[0] == replace(moco.global_views[0], scale=(0.08, 1.0), brightness=0.8, contrast=0.8,
+                                             saturation=0.8, hue=0.2)
+
+# ---------------------------------------------------------------- constants and host syncs
+from dataclasses import replace
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class CountSyncs(TorchDispatchMode):
+    "Ops that copy from the host or wait for it: tensors from Python data, numbers read back, boolean indexing."
+    def __init__(self): super().__init__(); self.ops = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_idx = name.startswith('aten::index') and any(isinstance(i, Tensor) and i.dtype == torch.bool
+                                                          for i in (args[1] if len(args) > 1 else None) or [])
+        if bool_idx or name in ('aten::lift_fresh', 'aten::_local_scalar_dense', 'aten::nonzero',
+                                'aten::masked_select'): self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+def test_const_is_made_once_per_values_device_dtype():
+    cpu = torch.device('cpu')
+    c = const((0.5, 0.25), cpu)
+    assert const([0.5, 0.25], cpu) is c and const((0.5, 0.25), cpu, torch.float32) is c
+    assert c.dtype == torch.float32 and c.tolist() == [0.5, 0.25]
+    assert const((0.5, 0.25), cpu, torch.float64) is not c and const((0.5, 0.26), cpu) is not c
+    assert const(0.3, cpu, torch.float64).ndim == 0 and const(0.3, cpu, torch.float64).item() == 0.3
+    assert torch.signbit(const(-0.0, cpu)) and not torch.signbit(const(0.0, cpu))  # -0.0 == 0.0, yet two tensors
+    t = torch.arange(3)
+    assert const(t, cpu, torch.float64).dtype == torch.float64 and const(t, cpu, torch.int64) is t  # not cached
+
+def test_const_made_in_inference_mode_works_with_autograd():
+    with torch.inference_mode(): normalize(torch.zeros(1, 2, 3, 3), (0.123, 0.456), (0.789, 0.321))
+    x = torch.rand(1, 2, 3, 3, requires_grad=True)
+    normalize(x, (0.123, 0.456), (0.789, 0.321)).sum().backward()
+    close(x.grad, (1 / torch.tensor([0.789, 0.321])).view(1, 2, 1, 1).expand_as(x), torch.float32)
+
+def _pipelines(x, g):
+    "Every augmentation entry point the methods and the notebook use, on batch `x`."
+    C, S = x.shape[1], x.shape[-1]
+    for name in AUGMENT_PRESETS: multicrop_preset(name, S, C, (0.5,) * C, (0.25,) * C, n_local=2)(x, g)
+    xf = x.float() / 255
+    augment_view(xf, ViewSpec(S // 2, blur_p=0.5, solarize_p=0.5), g)
+    random_resized_crop(xf, S // 2, flip_p=0.5, g=g); random_hflip(xf, g=g); random_color_jitter(xf, g=g)
+    random_grayscale(xf, g=g); random_gaussian_blur(xf, g=g); random_solarize(xf, g=g)
+    normalize(x, [0.5] * C, [0.25] * C)
+
+@pytest.mark.parametrize('C', [1, 3])
+def test_no_host_copies_or_syncs_in_a_step(C):
+    x = torch.randint(0, 256, (4, C, 24, 24), dtype=torch.uint8, generator=gen(0))
+    _pipelines(x, gen(1))  # the first call makes the constants
+    with CountSyncs() as counted: _pipelines(x, gen(1))
+    assert counted.ops == []
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_constants_are_cached_and_steps_do_not_sync():
+    dev = torch.device('cuda', torch.cuda.current_device())
+    c = const((0.5, 0.25), dev)
+    assert c.device == dev and const((0.5, 0.25), dev) is c and const((0.5, 0.25), torch.device('cpu')) is not c
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=gen(0)).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    _pipelines(x, g)
+    with CountSyncs() as counted: _pipelines(x, g)
+    assert counted.ops == []
