@@ -54,15 +54,26 @@ def multicrop_cross_entropy(student_logprobs, teacher_probs):
                          f"{tuple(teacher_probs.shape)}: the student needs the teacher's G global views first "
                          f"(same batch and K), then any local views")
     ce = -torch.einsum('gbk,vbk->gv', teacher_probs, student_logprobs) / B  # (G, V): every pair at once
-    pairs = ~torch.eye(G, V, dtype=torch.bool, device=ce.device)            # drop student view i vs teacher view i
-    if not pairs.any(): raise ValueError("one global view and no local views leave no pair to train on: add views")
-    return ce[pairs].mean()
+    n_pairs = G * V - min(G, V)                                             # all but student view i vs teacher view i
+    if n_pairs == 0: raise ValueError("one global view and no local views leave no pair to train on: add views")
+    pairs = ~torch.eye(G, V, dtype=torch.bool, device=ce.device)            # 0/1 weights: no boolean index, no sync
+    return (ce * pairs).sum() / n_pairs
 
 # %% ../nbs/08_dino.ipynb #56d81435
+def _weighted_sums(x, weights):
+    "(sum of w * x over the rows, total weight), x (n, K), weights (n,): (1, K), (1, 1), all-reduced together."
+    w = weights.reshape(-1, 1).to(x.dtype)
+    s = torch.cat([(w * x).sum(0), w.sum(0)])[None]
+    if is_distributed(): dist.all_reduce(s)
+    return s[:, :-1], s[:, -1:]
+
 @torch.no_grad()
-def batch_center(x):
-    "Mean of `x` (..., K) over every leading dim, averaged over the processes under torch.distributed: (1, K) float32+."
+def batch_center(x, weights=None):
+    "Mean of `x` (..., K) over every leading dim (weighted by `weights` (...)), over every process: (1, K) float32+."
     x = fp32(x.detach()).reshape(-1, x.shape[-1])
+    if weights is not None:
+        total, n = _weighted_sums(x, weights)
+        return total / n.clamp(min=torch.finfo(x.dtype).tiny)
     c = x.mean(0, keepdim=True)
     if is_distributed():
         dist.all_reduce(c)
@@ -70,9 +81,12 @@ def batch_center(x):
     return c
 
 @torch.no_grad()
-def ema_center_(center, x, momentum):
-    "Update `center` in place: momentum * center + (1 - momentum) * batch_center(x)."
-    return center.mul_(momentum).add_(batch_center(x).to(center.dtype), alpha=1 - momentum)
+def ema_center_(center, x, momentum, weights=None):
+    "Update `center` in place: momentum * center + (1 - momentum) * batch_center(x); unchanged if the weights are 0."
+    if weights is None: return center.mul_(momentum).add_(batch_center(x).to(center.dtype), alpha=1 - momentum)
+    total, n = _weighted_sums(fp32(x.detach()).reshape(-1, x.shape[-1]), weights)
+    new = momentum * center + (1 - momentum) * (total / n.clamp(min=torch.finfo(n.dtype).tiny)).to(center.dtype)
+    return center.copy_(torch.where(n > 0, new, center))
 
 # %% ../nbs/08_dino.ipynb #e1db673e
 class DINOLoss(nn.Module):

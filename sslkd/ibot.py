@@ -38,7 +38,7 @@ def ibot_patch_loss_naive(student_patch, teacher_patch, mask, center, teacher_te
 # %% ../nbs/09_ibot.ipynb #24efa0d5
 PATCH_MEAN_OVER = {  # the number of images the per-image patch losses are averaged over, from masked counts (G*B,)
     'masked_images': lambda n: (n > 0).sum(),
-    'all_images': lambda n: n.new_tensor(n.numel()),
+    'all_images': lambda n: n.new_full((), n.numel()),
 }
 
 def _check_mean_over(mean_over):
@@ -46,13 +46,13 @@ def _check_mean_over(mean_over):
         raise ValueError(f"mean_over={mean_over!r}: use one of {list(PATCH_MEAN_OVER)}")
 
 def masked_patch_cross_entropy(student_logprobs, teacher_probs, mask, mean_over='masked_images'):
-    "Per-image mean cross-entropy over masked tokens, averaged over images; (M,K) masked tokens' inputs, (G,B,N) mask."
+    "Per-image mean cross-entropy over masked tokens, averaged over images; (..., N, K) inputs, (..., N) mask."
     _check_mean_over(mean_over)
-    ce = -(teacher_probs * student_logprobs).sum(-1)                         # (M,) one per masked token
-    m = mask.reshape(-1, mask.shape[-1])                                      # (images, N)
-    n = m.sum(-1)                                                             # masked tokens per image
-    w = n.clamp(min=1).to(ce.dtype).reciprocal()[:, None].expand_as(m)[m]   # 1 / n_masked of each token's image
-    return (ce * w).sum() / PATCH_MEAN_OVER[mean_over](n).clamp(min=1)
+    ce = -(teacher_probs * student_logprobs).sum(-1)                      # (..., N) every token's cross-entropy
+    m = mask.reshape(-1, mask.shape[-1]).to(ce.dtype)                     # (images, N) 0/1
+    n = m.sum(-1)                                                          # masked tokens per image
+    w = m / n.clamp(min=1)[:, None]                                        # 1 / n_masked on masked tokens, else 0
+    return (ce.reshape(m.shape) * w).sum() / PATCH_MEAN_OVER[mean_over](n).clamp(min=1)
 
 # %% ../nbs/09_ibot.ipynb #2c250c7c
 class iBOTPatchLoss(nn.Module):
@@ -64,19 +64,17 @@ class iBOTPatchLoss(nn.Module):
         self.register_buffer('center', torch.zeros(1, patch_out_dim))
 
     def forward(self, student_patch, teacher_patch, mask, teacher_temp, update_center=True):
-        "Student logits (G,B,N,K) or masked tokens' (M,K); teacher's (G,B,N,K) of the unmasked views; (G,B,N) mask."
+        "Student logits (G,B,N,K) of the masked views; teacher's (G,B,N,K) of the unmasked views; (G,B,N) mask."
         if teacher_patch.ndim != 4 or mask.shape != teacher_patch.shape[:3]:
             raise ValueError(f"teacher patch logits {tuple(teacher_patch.shape)} and mask {tuple(mask.shape)} "
                              f"must be (G,B,N,K) and (G,B,N)")
-        mask = mask.to(torch.bool)
-        s = student_patch[mask] if student_patch.ndim == 4 else student_patch
-        with torch.autocast(s.device.type, enabled=False):
-            q = center_sharpen(teacher_patch[mask], self.center, teacher_temp)
-            if s.shape != q.shape:
-                raise ValueError(f"student patch logits {tuple(student_patch.shape)} do not match the {len(q)} masked "
-                                 f"tokens of the mask: pass (G,B,N,K) logits, or the masked tokens' logits in mask "
-                                 f"order (student_tokens[mask])")
-            logp = F.log_softmax(fp32(s) / self.student_temp, dim=-1)
+        if student_patch.shape != teacher_patch.shape:
+            raise ValueError(f"student patch logits {tuple(student_patch.shape)} must have the teacher's shape "
+                             f"{tuple(teacher_patch.shape)}: pass every token's logits, the loss weights them by the "
+                             f"mask")
+        with torch.autocast(student_patch.device.type, enabled=False):
+            q = center_sharpen(teacher_patch, self.center, teacher_temp)
+            logp = F.log_softmax(fp32(student_patch) / self.student_temp, dim=-1)
             loss = masked_patch_cross_entropy(logp, q, mask, self.mean_over)
         if update_center: ema_center_(self.center, teacher_patch, self.center_momentum)
         return loss
@@ -149,12 +147,13 @@ def ibot_tokens(student, teacher, views, mask, n_global):
     return SimpleNamespace(B=len(views[0]), G=n_global, V=len(views), mask=mask, tok=tok, cls=cls, t_tok=t_tok)
 
 def ibot_logits(student, teacher, o):
-    "The heads on `ibot_tokens` `o`: student CLS (V,B,K) and masked patches (M,K'); teacher CLS (G,B,K), patches."
+    "The heads on `ibot_tokens` `o`: student CLS (V,B,K), patches (G,B,N,K'); teacher CLS (G,B,K), patches (G,B,N,K')."
+    grid = (o.G, o.B, o.tok.shape[1] - 1, -1)
     s_cls = student.head(o.cls).view(o.V, o.B, -1)
-    s_patch = _patch_head(student)(o.tok[:, 1:][o.mask])        # masked tokens only: (M, K_patch)
+    s_patch = _patch_head(student)(o.tok[:, 1:]).view(grid)    # every token: the loss weights them by the mask
     with torch.no_grad():
         t_cls = teacher.head(o.t_tok[:, 0]).view(o.G, o.B, -1)
-        t_patch = _patch_head(teacher)(o.t_tok[:, 1:]).view(o.G, o.B, o.tok.shape[1] - 1, -1)
+        t_patch = _patch_head(teacher)(o.t_tok[:, 1:]).view(grid)
     return s_cls, s_patch, t_cls, t_patch
 
 # %% ../nbs/09_ibot.ipynb #d5ecabb7

@@ -27,11 +27,15 @@ EMBEDDINGS = {  # (head, backbone features (..., D)) -> the vectors whose relati
 RKD_TERMS = {'d': (('distance', rkd_distance_loss_sets),), 'a': (('angle', rkd_angle_loss_sets),),
              'da': (('distance', rkd_distance_loss_sets), ('angle', rkd_angle_loss_sets))}
 
-def rkd_loss(student, teacher, relation='da', distance_weight=1., angle_weight=2.):
-    "RKD of student (..., N, Ds) and teacher (..., N, Dt) embeddings per set, averaged: distance and/or angle terms."
+def _set_mean(losses, weights=None):
+    "Mean of per-set `losses` (...), or their mean weighted by `weights` (...) (0 when every weight is 0)."
+    return losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
+
+def rkd_loss(student, teacher, relation='da', distance_weight=1., angle_weight=2., weights=None):
+    "RKD of student (..., N, Ds) and teacher (..., N, Dt) embeddings per set, averaged (weighted by `weights` (...))."
     if relation not in RKD_TERMS: raise ValueError(f"relation={relation!r}: choose one of {list(RKD_TERMS)}")
     w = dict(distance=distance_weight, angle=angle_weight)
-    return sum(w[name] * fn(student, teacher).mean() for name, fn in RKD_TERMS[relation])
+    return sum(w[name] * _set_mean(fn(student, teacher), weights) for name, fn in RKD_TERMS[relation])
 
 # %% ../nbs/13_ibot_rkd.ipynb #c3b1ef75
 def relation_logits(x):
@@ -48,12 +52,13 @@ def _row_mean(r):
     n = r.shape[-1]
     return r.masked_fill(torch.isinf(r), 0.).sum(-2, keepdim=True) / (n - 1)
 
-def structure_loss(student_rel, teacher_rel, center, teacher_temp, student_temp=0.1):
+def structure_loss(student_rel, teacher_rel, center, teacher_temp, student_temp=0.1, weights=None):
     "iBOT's cross-entropy between the teacher's centred, sharpened relation rows and the student's; no diagonal."
     diag = torch.isinf(teacher_rel)
     q = F.softmax((teacher_rel - center) / teacher_temp, dim=-1).detach()
     logp = F.log_softmax(student_rel / student_temp, dim=-1).masked_fill(diag, 0.)
-    return -(q * logp).sum(-1).mean()
+    ce = -(q * logp).sum(-1)                                       # (..., N) one per row
+    return ce.mean() if weights is None else _set_mean(ce.mean(-1), weights)
 
 # %% ../nbs/13_ibot_rkd.ipynb #1e85608d
 RELATIONS = ('d', 'a', 'da', 'struct')
@@ -69,26 +74,23 @@ class iBOTRKDConfig(iBOTConfig):
     rkd_weight: float = 1.
     struct_center_momentum: float = 0.9  # EMA of the patch-structure centre (N x N)
 
-def relational_loss(cfg, s, t, center, teacher_temp, student_temp, t_rel=None):
-    "`cfg.relation`'s loss of student (..., N, Ds) and teacher (..., N, Dt) embeddings (`t_rel`: the teacher's logits)."
-    if cfg.relation != 'struct': return rkd_loss(fp32(s), fp32(t), cfg.relation, cfg.distance_weight, cfg.angle_weight)
-    t_rel = relation_logits(t) if t_rel is None else t_rel
+def relational_loss(cfg, s, t, center, teacher_temp, student_temp, t_rel=None, weights=None):
+    "`cfg.relation`'s loss of student (..., N, Ds) and teacher (..., N, Dt) sets, weighted by `weights` (...) if given."
+    if cfg.relation != 'struct':
+        return rkd_loss(fp32(s), fp32(t), cfg.relation, cfg.distance_weight, cfg.angle_weight, weights)
+    t_rel = relation_logits(t) if t_rel is None else t_rel                # the teacher's logits, if already made
     return structure_loss(relation_logits(s), t_rel, _row_mean(t_rel) if center is None else center, teacher_temp,
-                          student_temp)
+                          student_temp, weights)
 
 def cross_view_mean(loss, s, t):
     "Mean of `loss(s[v], t[i])` over DINO's pairs of teacher view i and student view v != i; s (V, ...), t (G, ...)."
     pairs = [(i, v) for i in range(len(t)) for v in range(len(s)) if v != i]
     return sum(loss(s[v], t[i]) for i, v in pairs) / len(pairs)
 
-def _masked_images(tok, mask):
-    "Patch tokens (M, N, D) of the images with at least one masked patch."
-    return tok[mask.any(-1)]
-
 @torch.no_grad()
-def ema_structure_(center, t_rel, momentum):
-    "EMA of the teacher's relation logits (M, N, N) into `center` (N, N), per (position, position) pair."
-    ema_center_(center.view(1, -1), t_rel.masked_fill(torch.isinf(t_rel), 0.).flatten(-2), momentum)
+def ema_structure_(center, t_rel, momentum, weights=None):
+    "EMA of the teacher's relation logits (M, N, N) (weighted by `weights` (M,)) into `center` (N, N), per pair."
+    ema_center_(center.view(1, -1), t_rel.masked_fill(torch.isinf(t_rel), 0.).flatten(-2), momentum, weights)
 
 # %% ../nbs/13_ibot_rkd.ipynb #a8fdd3b4
 class iBOTRKD(iBOT):
@@ -115,15 +117,15 @@ class iBOTRKD(iBOT):
             s_cls = emb(net.head, o.cls).view(o.V, o.B, -1)
             with torch.no_grad(): t_cls = emb(t.head, o.t_tok[:, 0]).view(o.G, o.B, -1)
             l_cls = cross_view_mean(lambda a, b: relational_loss(c, a, b, None, o.temp, c.student_temp), s_cls, t_cls)
-            m = o.mask.view(o.G * o.B, -1)
-            if not m.any(): return l_cls, s_cls.sum() * 0., t_cls
-            s_p = emb(_patch_head(net), _masked_images(o.tok[:, 1:], m))
+            w = o.mask.view(o.G * o.B, -1).any(-1)                  # (G*B,) 1 for the crops with a mask
+            s_p = emb(_patch_head(net), o.tok[:, 1:])               # every crop: weighted, not selected (no sync)
             with torch.no_grad():
-                t_p = emb(_patch_head(t), _masked_images(o.t_tok[:, 1:], m))
+                t_p = emb(_patch_head(t), o.t_tok[:, 1:])
                 t_rel = relation_logits(t_p) if c.relation == 'struct' else None
                 if t_rel is not None and self.training:
-                    ema_structure_(self.patch_struct_center, t_rel, c.struct_center_momentum)
-            l_patch = relational_loss(c, s_p, t_p, self.patch_struct_center, o.patch_temp, c.patch_student_temp, t_rel)
+                    ema_structure_(self.patch_struct_center, t_rel, c.struct_center_momentum, w)
+            l_patch = relational_loss(c, s_p, t_p, self.patch_struct_center, o.patch_temp, c.patch_student_temp,
+                                      t_rel, w)
         return l_cls, l_patch, t_cls
 
     def training_step(self, x, g, step, total_steps, log=False):

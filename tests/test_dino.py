@@ -330,3 +330,61 @@ def test_family_follows_the_method_contract():
         m = cls(vit_nano(16, 4, 1, depth=2, use_mask_token=True), 16, 1, (0.3,), (0.3,))
         assert type(m.cfg) is cfg_cls and m.cfg == cfg_cls()
         assert set(m.student) >= {'backbone', 'head'} and m.eval_backbone() is not m.student.backbone
+
+
+# ---- no host synchronisation in an ordinary step ------------------------------------------------------------
+
+from sslkd.masking import HostSyncs
+
+
+class FixedViews:
+    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
+    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
+    def __call__(self, x, g): return self.views
+
+
+def syncs_in_step(m, x, **kw):
+    "Host syncs of one ordinary training step of `m` on `x`, its backward included (the augmentation left out)."
+    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
+    m.training_step(x, torch.Generator().manual_seed(1), 0, 100, **kw)  # the first call may make constants
+    with HostSyncs() as s:
+        loss, _ = m.training_step(x, torch.Generator().manual_seed(1), 1, 100, **kw)
+        loss.backward()
+    return s
+
+
+@pytest.mark.parametrize('G,V', [(2, 2), (2, 6), (1, 3), (3, 5)])
+def test_pair_weights_equal_the_mean_of_the_selected_pairs(G, V):
+    g = torch.Generator().manual_seed(G * 10 + V)
+    ls, q = F.log_softmax(torch.randn(V, 4, 9, generator=g), -1), F.softmax(torch.randn(G, 4, 9, generator=g), -1)
+    ce = -torch.einsum('gbk,vbk->gv', q, ls) / 4
+    torch.testing.assert_close(multicrop_cross_entropy(ls, q), ce[~torch.eye(G, V, dtype=torch.bool)].mean())
+
+
+def test_weighted_center_is_the_mean_of_the_selected_rows():
+    x, w = torch.randn(3, 4, 5), torch.rand(3, 4) < 0.5
+    w[0, 0] = True
+    torch.testing.assert_close(batch_center(x, w), x[w].mean(0, keepdim=True))
+    soft = torch.rand(3, 4)
+    torch.testing.assert_close(batch_center(x, soft), (soft[..., None] * x).sum((0, 1))[None] / soft.sum())
+    c = torch.randn(1, 5)
+    c2 = c.clone(); ema_center_(c2, x, 0.8, w)
+    torch.testing.assert_close(c2, 0.8 * c + 0.2 * x[w].mean(0, keepdim=True))
+    c2 = c.clone(); ema_center_(c2, x, 0.8, torch.zeros(3, 4))
+    assert torch.equal(c2, c)                                 # nothing selected: the centre stays
+
+
+def test_weighted_center_is_all_reduced_with_its_weights(monkeypatch):
+    "A second process contributed rows summing to `other` with total weight 3: the weighted mean over both."
+    other = torch.tensor([[6., 3., 0., 3.]])                   # weighted sums (3 values) and the total weight
+    monkeypatch.setattr(dino_mod.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dino_mod.dist, 'all_reduce', lambda t: t.add_(other))
+    x, w = torch.tensor([[1., 1., 1.], [5., 5., 5.]]), torch.tensor([1., 0.])
+    torch.testing.assert_close(batch_center(x, w), torch.tensor([[7., 4., 1.]]) / 4)
+    c = torch.zeros(1, 3); ema_center_(c, x, 0.5, torch.zeros(2))   # none here, 3 on the other process: it moves
+    torch.testing.assert_close(c, 0.5 * torch.tensor([[6., 3., 0.]]) / 3)
+
+
+def test_an_ordinary_step_never_waits_for_the_host():
+    s = syncs_in_step(tiny_dino(), batch())
+    assert s.n == 0, dict(s.counts)

@@ -50,9 +50,11 @@ def test_patch_loss_vectorised_equals_naive(mean_over, seed):
     assert fast.item() == pytest.approx(python_reference(sp.detach(), tp, mask, c, 0.05, 0.1, mean_over), rel=1e-10)
     gf, = torch.autograd.grad(fast, sp); gn, = torch.autograd.grad(naive, sp)
     torch.testing.assert_close(gf, gn, rtol=1e-12, atol=1e-12)
-    # passing only the masked tokens (as the method does) is the same loss
-    fresh = lambda: iBOTPatchLoss(6, mean_over=mean_over).double()
-    torch.testing.assert_close(fresh()(sp[mask], tp, mask, 0.05), fresh()(sp, tp, mask, 0.05), rtol=1e-12, atol=1e-12)
+    # weighting every token by its mask is selecting the masked tokens (the version that waits for the host)
+    ce = -(center_sharpen(tp, c, 0.05) * F.log_softmax(sp.detach() / 0.1, -1)).sum(-1)
+    n = mask.sum(-1)
+    selected = (ce / n.clamp(min=1)[..., None])[mask].sum() / PATCH_MEAN_OVER[mean_over](n.flatten()).clamp(min=1)
+    torch.testing.assert_close(fast.detach(), selected, rtol=1e-12, atol=1e-12)
 
 
 def test_all_images_is_masked_images_times_fraction():
@@ -131,7 +133,7 @@ def test_ibot_loss_combines_parts_with_own_centres():
 
 def test_patch_loss_errors():
     loss = iBOTPatchLoss(4)
-    with pytest.raises(ValueError, match='mask order'):
+    with pytest.raises(ValueError, match="teacher's shape"):  # masked tokens only: the loss wants every token
         loss(torch.zeros(3, 4), torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, dtype=torch.bool), 0.04)
     with pytest.raises(ValueError, match=r'\(G,B,N\)'):
         loss(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), torch.ones(2, 3, dtype=torch.bool), 0.04)
@@ -188,8 +190,8 @@ def test_training_step_shared_and_separate_heads(shared):
     assert m.eval_backbone() is m.teacher.backbone
 
 
-def test_head_sees_only_masked_tokens_and_teacher_unmasked(monkeypatch):
-    "The student's masked globals carry the mask, its patch head gets exactly the masked tokens; the teacher: no mask."
+def test_head_sees_every_token_the_loss_only_the_masked_and_teacher_unmasked(monkeypatch):
+    "The student's masked globals carry the mask; its patch head maps every token, the loss trains the masked ones."
     m = tiny_ibot(tiny_cfg(mask_prob=1., shared_head=False, patch_out_dim=48))
     seen = {'student': [], 'teacher': [], 'patch_head': []}
     for who in ('student', 'teacher'):
@@ -198,12 +200,17 @@ def test_head_sees_only_masked_tokens_and_teacher_unmasked(monkeypatch):
             seen[_who].append(mask); return _orig(x, mask, **kw)
         monkeypatch.setattr(net, 'forward_features', ff)
     m.student.patch_head.register_forward_hook(lambda mod, inp, out: seen['patch_head'].append(inp[0].shape))
-    m.training_step(batch(), torch.Generator().manual_seed(0), 0, 10)
+    grads = []
+    m.student.patch_head.register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0]))
+    loss, _ = m.training_step(batch(), torch.Generator().manual_seed(0), 0, 10)
     assert seen['teacher'] == [None]
     mask, local = seen['student']  # masked globals, then the locals without a mask
     assert local is None
     assert mask.shape == (2 * 8, 16) and mask.dtype == torch.bool and mask.any(-1).all()  # prob 1: every image masked
-    assert seen['patch_head'] == [torch.Size([int(mask.sum()), 128])]
+    assert seen['patch_head'] == [torch.Size([2 * 8, 16, 128])]
+    loss.backward()
+    g = grads[0].abs().sum(-1)                     # (G*B, N): the loss's gradient on each token's patch logits
+    assert (g[~mask] == 0).all() and (g[mask] > 0).all()
 
 
 def test_mask_prob_zero_gives_no_patch_loss():
@@ -274,3 +281,27 @@ def test_state_dict_round_trip_restores_centres_and_teacher():
     la = m.training_step(batch(seed=5), torch.Generator().manual_seed(5), 3, 10)[0]
     lb = m2.training_step(batch(seed=5), torch.Generator().manual_seed(5), 3, 10)[0]
     assert la.item() == lb.item()
+
+
+# ---- no host synchronisation in an ordinary step ------------------------------------------------------------
+
+from sslkd.masking import HostSyncs
+
+
+class FixedViews:
+    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
+    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
+    def __call__(self, x, g): return self.views
+
+
+@pytest.mark.parametrize('kw', [{}, dict(mask_mode='random'), dict(patch_mean_over='all_images', shared_head=False),
+                                dict(mask_prob=0.), dict(mask_prob=1.)])
+def test_an_ordinary_step_never_waits_for_the_host(kw):
+    m, x = tiny_ibot(tiny_cfg(**kw)), batch()
+    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
+    m.training_step(x, torch.Generator().manual_seed(1), 0, 100)
+    with HostSyncs() as s:
+        loss, logs = m.training_step(x, torch.Generator().manual_seed(1), 1, 100)
+        loss.backward()
+    assert s.n == 0, dict(s.counts)
+    assert set(logs) == {'teacher_temp', 'teacher_patch_temp', 'momentum'}   # plain numbers, nothing read back

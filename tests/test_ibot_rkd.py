@@ -172,3 +172,56 @@ def test_loss_goes_down(make):
         opt.zero_grad(); loss.backward(); opt.step(); m.after_step(s, 40)
         losses.append(loss.item())
     assert sum(losses[-8:]) / 8 < 0.9 * sum(losses[:8]) / 8
+
+
+# ---- weights instead of selection: the same values, and no host synchronisation --------------------------------
+
+from sslkd.ibot_rkd import relational_loss, ema_structure_, RELATIONS
+from sslkd.masking import HostSyncs
+
+
+@pytest.mark.parametrize('relation', RELATIONS)
+def test_weighted_sets_equal_the_selected_sets(relation):
+    "The old path selected the masked crops with a boolean index; weighting them 1 or 0 gives the same loss."
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 9, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 9, 4, generator=g, dtype=torch.float64)
+    w, center = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool), torch.randn(9, 9, generator=g, dtype=torch.float64)
+    cfg = iBOTRKDConfig(relation=relation)
+    weighted = relational_loss(cfg, s, t, center, 0.04, 0.1, weights=w)
+    selected = relational_loss(cfg, s[w], t[w], center, 0.04, 0.1)
+    torch.testing.assert_close(weighted, selected, rtol=1e-12, atol=1e-12)
+    gw, = torch.autograd.grad(weighted, s); gs, = torch.autograd.grad(selected, s)
+    torch.testing.assert_close(gw, gs, rtol=1e-10, atol=1e-12)
+    assert (gw[~w] == 0).all() and (gw[w] != 0).any()          # the crops without a mask get no gradient
+    none = relational_loss(cfg, s, t, center, 0.04, 0.1, weights=torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0. and none.requires_grad
+
+
+def test_weighted_structure_centre_equals_the_selected_one():
+    g = torch.Generator().manual_seed(4)
+    t_rel = relation_logits(torch.randn(5, 8, 3, generator=g, dtype=torch.float64))
+    w, c = torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool), torch.randn(8, 8, generator=g, dtype=torch.float64)
+    c1, c2 = c.clone(), c.clone()
+    ema_structure_(c1, t_rel, 0.9, w); ema_structure_(c2, t_rel[w], 0.9)
+    torch.testing.assert_close(c1, c2, rtol=1e-12, atol=1e-12)
+    c3 = c1.clone(); ema_structure_(c1, t_rel, 0.9, torch.zeros(5, dtype=torch.bool))
+    assert torch.equal(c1, c3)                                 # no masked crop: the centre stays
+
+
+class FixedViews:
+    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
+    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
+    def __call__(self, x, g): return self.views
+
+
+@pytest.mark.parametrize('make', [ibot_rkd_d, ibot_rkd_a, ibot_rkd_da, ibot_rkd_struct])
+@pytest.mark.parametrize('kw', [{}, dict(add_to_ibot=True), dict(mask_prob=0.)])
+def test_an_ordinary_step_never_waits_for_the_host(make, kw):
+    m, x = build(make, **kw), batch()
+    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
+    step(m, x, log=False)
+    with HostSyncs() as s:
+        loss, _ = step(m, x, s=1, log=False)
+        loss.backward()
+    assert s.n == 0, dict(s.counts)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sslkd.masking import (mask_counts, random_mask, block_mask, MaskGenerator, mask_fns, default_min_patches,
-                           _block_bits, _bits_to_mask, _grid_bits)
+                           HostSyncs, _rect_rounds, _manhattan_to, _complete, _block_from_counts)
 
 
 def gen_(seed=0): return torch.Generator().manual_seed(seed)
@@ -54,7 +54,7 @@ def test_random_mask_uniform():
 
 @pytest.mark.parametrize('grid', [(7, 7), (8, 8), (2, 2), (1, 1), (1, 7), (14, 14)])
 @pytest.mark.parametrize('kw', [{}, dict(min_num_patches=100), dict(min_num_patches=1), dict(aspect=(0.01, 100.)),
-                                dict(attempts=1), dict(attempts=0)])
+                                dict(attempts=1), dict(attempts=0), dict(rounds=1)])
 def test_block_mask_terminates_exact(grid, kw):
     N = grid[0] * grid[1]
     r = torch.linspace(0, 1, 51, dtype=torch.float64)
@@ -121,38 +121,96 @@ def test_block_masks_are_blocky(grid):
     assert cb < 2.5 and cb < cr / 2, (cb, cr)
 
 
-def test_bits_roundtrip():
-    for N in (1, 9, 49, 64, 65, 196):
-        bits = [random.Random(N).getrandbits(N) for _ in range(20)]
-        m = _bits_to_mask(bits, N)
-        assert m.shape == (20, N)
-        assert [sum(1 << i for i in row.nonzero().flatten().tolist()) for row in m] == bits
-    assert _bits_to_mask([], 49).shape == (0, 49)
+def test_manhattan_distance_matches_brute_force():
+    for gh, gw in [(7, 7), (3, 5), (1, 6), (8, 8)]:
+        base = torch.rand(40, gh * gw, generator=gen_(gh * gw)) < 0.1
+        pos = [(i // gw, i % gw) for i in range(gh * gw)]
+        for b, row in zip(base.tolist(), _manhattan_to(base, gh, gw).tolist()):
+            ref = [min([abs(r - rr) + abs(c - cc) for (rr, cc), on in zip(pos, b) if on], default=gh + gw)
+                   for r, c in pos]
+            assert row == ref
 
 
 def test_large_grid_is_cheap():
-    # rectangles are shifted, not enumerated: a 56x56 grid (224 px, patch 4) needs no huge table
+    # rectangles are compared with the grid in one batched test, not enumerated: a 56x56 grid (224 px, patch 4)
     m = block_mask(4, (56, 56), 0.4, gen_())
     assert (m.sum(1) == round(0.4 * 3136)).all()
 
 
-def test_rectangles_and_fallback_growth():
-    full, not_first, not_last, blocks = _grid_bits(3, 4)
-    r = _bits_to_mask([blocks[2, 3] << 4], 12).view(3, 4)
-    assert r.int().tolist() == [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
-    # attempts=0: pure growth from one random patch, so the mask is one connected piece
-    rng = random.Random(0)
-    for k in range(1, 50):
-        m = _bits_to_mask([_block_bits(k, 7, 7, rng, 4, (math.log(.3), math.log(1 / .3)), 0)], 49)[0]
-        assert m.sum() == k and n_components(m, 7, 7) == 1
-
-
-def test_grow_false_is_beit_behaviour():
-    # BEiT/iBOT stop when no block fits: never above the target, sometimes below
-    rng = random.Random(0)
+def test_rectangles_never_overshoot_and_beit_stops_short():
     la = (math.log(.3), math.log(1 / .3))
-    got = [(_block_bits(k, 7, 7, rng, 4, la, 10, grow=False).bit_count(), k) for k in [3, 7, 11, 15, 19, 24] * 200]
-    assert all(n <= k for n, k in got) and any(n < k for n, k in got)
+    counts = torch.tensor([3, 7, 11, 15, 19, 24] * 200)
+    rects = _rect_rounds(counts, 7, 7, gen_(), 4, la, 10, 8)
+    n = rects.sum(1)
+    assert (n <= counts).all() and (n < counts).any() and (n == counts).float().mean() > 0.9
+    assert not _rect_rounds(counts, 7, 7, gen_(), 4, la, 0, 8).any()       # no attempts: no rectangle
+    sq = _rect_rounds(torch.full((50,), 4), 3, 4, gen_(), 4, (0., 0.), 10, 1).view(50, 3, 4)  # area 4, aspect 1
+    assert (sq.sum((1, 2)) == 4).all() and (sq.any(2).sum(1) == 2).all() and (sq.any(1).sum(1) == 2).all()
+
+
+def test_completion_grows_ring_by_ring_in_one_piece():
+    # attempts=0: pure growth from one random seed patch, so the mask is one connected piece
+    counts = torch.arange(1, 50)
+    m = _block_from_counts(counts, 7, 7, gen_(), attempts=0)
+    assert m.sum(1).tolist() == counts.tolist()
+    assert all(n_components(row, 7, 7) == 1 for row in m)
+    short = _rect_rounds(counts % 25, 7, 7, gen_(1), 4, (math.log(.3), math.log(1 / .3)), 10, 1)
+    full = _complete(short, counts % 25, 7, 7, gen_(2))
+    assert full.sum(1).tolist() == (counts % 25).tolist() and (full | ~short).all()
+    d = _manhattan_to(short, 7, 7)
+    for row_d, added, left, has in zip(d.tolist(), (full & ~short).tolist(), (~full).tolist(), short.any(1).tolist()):
+        if has and any(added): assert max(x for x, a in zip(row_d, added) if a) <= min(
+            [x for x, lf in zip(row_d, left) if lf], default=99)
+
+
+def beit_reference(k, gh, gw, rng, min_area, attempts=10):
+    "BEiT's loop plus random growth from the border, on Python sets: the sequential algorithm the batch version copies."
+    mask, la = set(), (math.log(.3), math.log(1 / .3))
+    while len(mask) < k:
+        need = k - len(mask)
+        for _ in range(attempts):
+            area, ar = rng.uniform(min_area, need), math.exp(rng.uniform(*la))
+            h, w = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+            if not (1 <= h <= gh and 1 <= w <= gw): continue
+            top, left = rng.randrange(gh - h + 1), rng.randrange(gw - w + 1)
+            rect = {(top + r) * gw + left + c for r in range(h) for c in range(w)}
+            if 0 < len(rect - mask) <= need: mask |= rect; break
+        else: break
+    while len(mask) < k:
+        near = sorted({j for i in mask for j in (i - gw, i + gw, i - 1, i + 1) if 0 <= j < gh * gw and
+                       (j // gw == i // gw or j % gw == i % gw)} - mask) or sorted(set(range(gh * gw)) - mask)
+        mask.add(rng.choice(near))
+    return [i in mask for i in range(gh * gw)]
+
+
+@pytest.mark.parametrize('grid', [7, 8])
+def test_batched_blocks_match_the_sequential_algorithm_in_distribution(grid):
+    N, rng = grid * grid, random.Random(grid)
+    counts = mask_counts(0.1 + 0.4 * torch.rand(1500, generator=gen_(grid), dtype=torch.float64), N).clamp(min=1)
+    seq = torch.tensor([beit_reference(k, grid, grid, rng, default_min_patches(grid, grid)) for k in counts.tolist()])
+    bat = _block_from_counts(counts, grid, grid, gen_(grid + 1))
+    assert seq.sum(1).tolist() == bat.sum(1).tolist() == counts.tolist()
+    pieces = [sum(n_components(m, grid, grid) for m in ms) / len(ms) for ms in (seq, bat)]
+    assert abs(pieces[0] - pieces[1]) < 0.15, pieces
+    assert (seq.float().mean(0) - bat.float().mean(0)).abs().max() < 0.07
+
+
+@pytest.mark.parametrize('mode', ['block', 'random'])
+def test_no_host_sync_and_a_fixed_sequence_of_ops(mode):
+    ops = []
+    for B in (8, 300):
+        with HostSyncs() as s: MaskGenerator(mode, prob=0.5)(B, (7, 7), gen_())
+        assert s.n == 0, dict(s.counts)
+        ops.append(s.ops)
+    assert ops[0] == ops[1]                         # the same ops whatever the batch size and the masks drawn
+
+
+def test_host_syncs_counts_what_it_should():
+    with HostSyncs() as s:
+        torch.tensor([1., 2.]).sum().item()
+        x = torch.arange(5); x[x > 2]; x.nonzero(); x[torch.tensor([0, 1])]
+    assert dict(s.counts) == {'aten::lift_fresh': 2, 'aten::_local_scalar_dense': 1, 'aten::index': 1,
+                              'aten::nonzero': 1}
 
 
 def test_default_min_patches():
