@@ -51,10 +51,12 @@ def rng_state(g):
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
+def _bytes(t): return torch.as_tensor(t).to('cpu', torch.uint8)  # a state is a CPU ByteTensor, wherever it was loaded
+
 def set_rng_state(g, s):
-    "Restore what `rng_state` saved."
-    g.set_state(s['aug']); torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+    "Restore what `rng_state` saved, whatever device its tensors were loaded onto."
+    g.set_state(_bytes(s['aug'])); torch.set_rng_state(_bytes(s['torch']))
+    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([_bytes(t) for t in s['cuda']])
 
 # %% ../nbs/11a_checkpoint.ipynb #7092037d
 def snapshot(method, opt, g):

@@ -4,10 +4,10 @@
 
 # %% ../nbs/19b_cli.ipynb #821db550
 from __future__ import annotations
-import argparse, contextlib, os, sys
+import argparse, contextlib, os, sys, warnings
 import torch.distributed as dist
 from .data import DataError
-from .train import CheckpointError, TrainingDiverged, init_distributed
+from .train import CheckpointError, TrainingDiverged, init_distributed, AMP_CHOICES
 from .registry import ARCHS, METHODS, method_spec, parse_overrides
 from .runner import PRESETS, run, evaluate_checkpoint, compare
 
@@ -50,6 +50,8 @@ def _train_parser(sub):
       'many stages; after each, the teacher is frozen as an extra teacher and the student restarts from fresh weights '
       '(stage k in OUT/stageK, the last in OUT); default 1')
     a('--compile', action='store_true', help="torch.compile the student's modules (worth it on a GPU; slow to start)")
+    a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision: auto (bf16 on GPUs that have it, else '
+                                                          'fp16; fp32 on a CPU), bf16, fp16 or off; default auto')
     a('--no-progress', action='store_true', help='no progress bars')
 
 # %% ../nbs/19b_cli.ipynb #d3848453
@@ -81,6 +83,8 @@ def _compare_options(p):
                                                    'the test split (tuning)')
     a('--no-linear', action='store_true', help='skip the linear probes')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
+    a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision of every run: auto, bf16, fp16 or off')
+    a('--compile', action='store_true', help="torch.compile every run's student (worth it on a GPU)")
     a('--no-progress', action='store_true', help='no progress bars')
 
 # %% ../nbs/19b_cli.ipynb #5494a33f
@@ -116,7 +120,7 @@ def train_command(a):
     return run(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, minutes=a.minutes, epochs=a.epochs,
                out=a.out, seed=a.seed, device=a.device, batch_size=a.batch_size, lr=a.lr, data_dir=a.data_dir,
                val_split=a.val_split, eval_every=a.eval_every, linear=not a.no_linear, teacher=a.teacher,
-               stages=a.stages, compile=a.compile, resume=a.resume, progress=not a.no_progress, **settings)
+               stages=a.stages, compile=a.compile, amp=a.amp, resume=a.resume, progress=not a.no_progress, **settings)
 
 def eval_command(a):
     "`sslkd eval`: `evaluate_checkpoint`; returns the results row."
@@ -125,7 +129,7 @@ def eval_command(a):
 
 def _common(a):
     return dict(arch=a.arch, batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, val_split=a.val_split,
-                linear=not a.no_linear, progress=not a.no_progress)
+                linear=not a.no_linear, progress=not a.no_progress, amp=a.amp, compile=a.compile)
 
 def compare_command(a):
     "`sslkd compare`: `compare` with the options; returns the results rows."
@@ -145,7 +149,9 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     rank, world = init_distributed()  # (0, 1) unless started by torchrun with several processes
     try:
-        with contextlib.redirect_stdout(open(os.devnull, 'w')) if rank else contextlib.nullcontext():  # rank 0 speaks
+        with contextlib.redirect_stdout(open(os.devnull, 'w')) if rank else contextlib.nullcontext(), \
+                warnings.catch_warnings():  # a warning is one line, not a file name and a line number
+            warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
         return 0
     except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #225bc705
 from __future__ import annotations
-import inspect, json, math, os, time, warnings
+import functools, inspect, json, math, os, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch, torch.nn as nn
@@ -15,21 +15,13 @@ from .teacher import cosine_schedule
 from .evaluate import extract_features, knn_accuracy
 from .metrics import collapse_warning
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, load_checkpoint
+from .device import fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device
 from .checkpoint import rng_state, set_rng_state, snapshot, restore, config_signature, check_signature
 
 # %% auto #0
-__all__ = ['REPLAN_AT', 'SIGNAL_KEYS', 'fp32', 'is_distributed', 'NoConfig', 'Method', 'TrainConfig', 'resolve_device',
-           'param_groups', 'lr_wd_at', 'is_main_process', 'TrainingDiverged', 'check_finite', 'train_step',
-           'replan_steps', 'knn_eval', 'ddp_wrap', 'init_distributed', 'Run', 'fit']
-
-# %% ../nbs/11_train.ipynb #cc3c9cd9
-def fp32(x):
-    "At least float32 (float64 stays float64): losses and softmaxes are computed in fp32 under autocast."
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-def is_distributed():
-    "True inside a process group (torchrun with several processes)."
-    return dist.is_available() and dist.is_initialized()
+__all__ = ['REPLAN_AT', 'SIGNAL_KEYS', 'NoConfig', 'Method', 'TrainConfig', 'param_groups', 'lr_wd_at', 'is_main_process',
+           'TrainingDiverged', 'first_nonfinite', 'check_finite', 'train_step', 'replan_steps', 'knn_eval', 'ddp_wrap',
+           'init_distributed', 'Run', 'fit']
 
 # %% ../nbs/11_train.ipynb #182fcc25
 @dataclass
@@ -77,18 +69,9 @@ class TrainConfig:
     log_every: int = 20            # steps between logged collapse signals
     seed: int = 0
     device: str = 'auto'
-    amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
+    amp: str = 'auto'              # autocast precision: auto, bf16, fp16 or off (see `precision`)
     compile: bool = False          # torch.compile the method's student
     progress: bool = True
-
-def resolve_device(device='auto'):
-    "'auto': CUDA if available, else CPU; an error when CUDA is asked for but absent; under torchrun, this rank's GPU."
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no GPU: use --device cpu or auto")
-    if dev.type == 'cuda' and dev.index is None and is_distributed():
-        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return dev
 
 # %% ../nbs/11_train.ipynb #6e5e1945
 def param_groups(model):
@@ -130,46 +113,53 @@ def _max_over_ranks(v, dev):
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
-def check_finite(loss, step, epoch, ckpt=None):
-    "Raise `TrainingDiverged` naming the step and likely causes when `loss` is not finite."
-    if torch.isfinite(loss).all(): return
+def first_nonfinite(loss, step, first=None):
+    "The first step whose loss was not finite, as a device tensor (-1: none yet); no host synchronisation."
+    first = torch.full((), -1, dtype=torch.long, device=loss.device) if first is None else first
+    return first.masked_fill((first < 0) & ~torch.isfinite(loss.detach()).all(), step)
+
+def check_finite(first, steps_per_epoch=1, ckpt=None, now=None):
+    "Raise `TrainingDiverged`, naming the step and likely causes, when `first` (see `first_nonfinite`) holds a step."
+    bad = int(first)  # the one read back from the device: on log steps and before a checkpoint only
+    if is_distributed(): bad = int(_max_over_ranks(bad, first.device))  # every rank stops, or the others wait forever
+    if bad < 0: return
     kept = ckpt and Path(ckpt).exists()
     where = f"the last good checkpoint is kept at {ckpt}" if kept else "no checkpoint was written yet"
+    stopped = f"training stopped at step {now}" if now is not None else "training stopped"
     raise TrainingDiverged(
-        f"loss is {loss.item()} at step {step} (epoch {epoch}); training stopped before the optimiser step, {where}. "
+        f"the loss is not finite at step {bad} (epoch {bad // max(steps_per_epoch, 1)}); {stopped}, {where}. "
         f"Likely causes: a learning rate too high for this batch size (lower --lr or raise the warm-up), fp16 overflow "
-        f"(use bf16 or fp32), or a temperature near 0. Resume with --resume after changing the setting.")
+        f"(use --amp bf16 or off), or a temperature near 0. Start again with the setting changed (a new --out).")
 
-def train_step(method, opt, x, g, cfg, dev, step, total_steps, steps_per_epoch, log=False, ckpt=None, ddp=None):
-    "One optimisation step of `method` on uint8 batch `x`: schedules, autocast, NaN check, clipping, teacher update."
+def train_step(method, opt, x, g, cfg, dev, step, total_steps, steps_per_epoch, log=False, ddp=None, scaler=None):
+    "One optimisation step of `method` on uint8 batch `x`; returns the loss (a tensor: reading it syncs) and logs."
     lr, wd = lr_wd_at(cfg, step, total_steps)
     for gr in opt.param_groups: gr['lr'], gr['weight_decay'] = lr, wd * gr.get('wd_scale', 1.0)
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.amp and dev.type == 'cuda'):
+    dtype = precision(cfg.amp, dev)
+    with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         loss, logs = (ddp or method.training_step)(x, g, step, total_steps, log=log)
-    finite = bool(torch.isfinite(loss.detach()).all())
-    if is_distributed() and not _all_ranks(finite, dev) and finite:  # every rank stops, or the others wait forever
-        raise TrainingDiverged(f"the loss on another rank is not finite at step {step}: every rank stops "
-                               f"(that rank's message names the causes)")
-    check_finite(loss.detach(), step, step // max(steps_per_epoch, 1), ckpt)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler: scaler.unscale_(opt)  # clipping and the methods' gradient edits see true gradients
     method.after_backward(step, total_steps, steps_per_epoch)
     params = [p for gr in opt.param_groups for p in gr['params']]
-    if cfg.clip_grad: logs['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-    opt.step()
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad else None
+    if scaler: scaler.step(opt); scaler.update()  # skips the step on inf gradients (fp16 overflow)
+    else: opt.step()
     method.after_step(step, total_steps)
+    if log and norm is not None: logs['grad_norm'] = float(norm)
     logs.update(lr=lr, wd=wd)
-    return loss.item(), logs
+    return loss.detach(), logs
 
 # %% ../nbs/11_train.ipynb #3e10d360
-def _time_steps(method, opt, loader, g, cfg, dev, n=3, ddp=None):
+def _time_steps(method, opt, loader, g, cfg, dev, n=3, ddp=None, scaler=None):
     "Seconds per training step, measured on `n` steps whose effects are then undone."
     saved = snapshot(method, opt, g)
     times, it = [], iter(loader)
     for i in range(n + 1):
         x, _ = next(it)
         t0 = time.perf_counter()
-        train_step(method, opt, x, g, cfg, dev, i, 10**9, 10**9, log=False, ddp=ddp)
+        train_step(method, opt, x, g, cfg, dev, i, 10**9, 10**9, log=False, ddp=ddp, scaler=scaler)
         if dev.type == 'cuda': torch.cuda.synchronize()
         if i: times.append(time.perf_counter() - t0)  # the first step pays for allocation and warm-up
     restore(saved, method, opt, g)
@@ -217,7 +207,8 @@ def init_distributed():
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 # %% ../nbs/11_train.ipynb #53c5baf6
-_NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'compile', 'eval_samples', 'log_every')
+# what a resume may change: a run written on a GPU in bf16 can continue on a CPU in fp32
+_NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'amp', 'compile', 'eval_samples', 'log_every')
 def _config_signature(cfg, meta): return config_signature(asdict(cfg), meta, _NOT_SIGNED, _world_size())
 
 class Run:
@@ -225,6 +216,8 @@ class Run:
     def __init__(self, method, data, cfg, eval_data=None, out=None, meta=None):
         self.method, self.data, self.cfg, self.eval_data, self.meta = method, data, cfg, eval_data, meta or {}
         self.dev = dev = resolve_device(cfg.device)
+        self.dtype = precision(cfg.amp, dev)
+        self.scaler = torch.amp.GradScaler('cuda') if self.dtype == torch.float16 else None
         method.to(dev)
         torch.manual_seed(cfg.seed)
         self.g = torch.Generator(device=dev).manual_seed(cfg.seed + _rank())  # each rank its own augmentations
@@ -240,7 +233,7 @@ class Run:
         self.ckpt_path, self.sig = Path(out) / 'checkpoint.pt' if out else None, _config_signature(cfg, meta)
         self.step, self.total_steps, self.train_seconds, self.history = 0, max(1, round(cfg.epochs * self.spe)), 0., []
         self.start_epoch, self.replan_at, self.spent = 0, [], 0.  # spent: the slowest rank's training time
-        self.log_file = self.mb = self.last_warning = None
+        self.log_file = self.mb = self.last_warning = self.first_bad = None  # first_bad: see `first_nonfinite`
 
     @property
     def trainable(self): return bool(self.loader)
@@ -256,9 +249,10 @@ class Run:
 # %% ../nbs/11_train.ipynb #19fd5367
 def _resume(r):
     "Continue `r` from its checkpoint: weights, optimiser, random states and counters."
-    ck = load_checkpoint(r.ckpt_path, map_location=r.dev)
+    ck = load_checkpoint(r.ckpt_path)  # onto the CPU, whatever device wrote it: load_state_dict moves what must move
     check_signature(ck['signature'], r.sig, r.ckpt_path)
     r.method.load_state_dict(ck['method']); r.opt.load_state_dict(ck['optimizer'])
+    if r.scaler and 'scaler' in ck: r.scaler.load_state_dict(ck['scaler'])
     set_rng_state(r.g, ck['rng'])
     if _rank(): r.g.manual_seed(r.cfg.seed + _rank() + 1000 * ck['step'])
     planned = r.total_steps
@@ -273,7 +267,7 @@ def _plan(r, out, resume):
     resumed = bool(resume and r.ckpt_path and r.ckpt_path.exists())
     if resumed: _resume(r)
     elif r.trainable and r.cfg.minutes:
-        sec = _time_steps(r.method, r.opt, r.loader, r.g, r.cfg, r.dev, ddp=r.ddp)
+        sec = _time_steps(r.method, r.opt, r.loader, r.g, r.cfg, r.dev, ddp=r.ddp, scaler=r.scaler)
         r.total_steps = max(1, int(r.cfg.minutes * 60 / sec))
     if not r.trainable: r.total_steps = 0
     r.start_epoch = r.step // r.spe
@@ -290,18 +284,24 @@ def _log(r, rec):
     "One line of `metrics.jsonl`."
     if r.log_file: r.log_file.write(json.dumps(rec) + '\n'); r.log_file.flush()
 
+def _check_finite(r):
+    if r.first_bad is not None: check_finite(r.first_bad, r.spe, r.ckpt_path, r.step)
+
 def _write_checkpoint(r):
-    "Everything an exact resume needs, written atomically (rank 0 only)."
+    "Everything an exact resume needs, written atomically (rank 0 only); never weights that a NaN has reached."
+    _check_finite(r)
     if r.ckpt_path and is_main_process():
         save_checkpoint({'format': CHECKPOINT_FORMAT, 'signature': r.sig, 'meta': r.meta,
                          'method': r.method.state_dict(), 'optimizer': r.opt.state_dict(), 'rng': rng_state(r.g),
                          'step': r.step, 'total_steps': r.total_steps, 'steps_per_epoch': r.spe,
-                         'train_seconds': r.train_seconds, 'history': r.history}, r.ckpt_path)
+                         'train_seconds': r.train_seconds, 'history': r.history,
+                         **({'scaler': r.scaler.state_dict()} if r.scaler else {})}, r.ckpt_path)
 
 SIGNAL_KEYS = {'teacher_entropy', 'feature_std', 'effective_rank'}  # logs that `collapse_warning` reads
 
 def _log_step(r, epoch, loss, logs):
     "The line of a logged step, and a collapse warning said once per change of mode."
+    loss = float(loss)
     warn = collapse_warning(logs) if SIGNAL_KEYS & logs.keys() else None
     if warn: logs['collapse_warning'] = warn
     modes = warn and tuple(line.split(':')[0] for line in warn.splitlines())
@@ -340,24 +340,26 @@ def _train_epoch(r, epoch):
     "Train the steps of `epoch` still to do; returns the epoch's record."
     r.loader.set_epoch(epoch)
     skip = r.step - epoch * r.spe  # batches of this epoch already done before a resume
-    t_epoch, seen, loss = time.perf_counter(), 0, float('nan')
+    t_epoch, seen, loss = time.perf_counter(), 0, torch.tensor(float('nan'))
     for i, (x, _) in enumerate(progress_bar(r.loader, parent=r.mb) if r.bars() else r.loader):
         if i < skip: continue
         if r.step >= r.total_steps or r.out_of_time(): break
         t0 = time.perf_counter()
         do_log = r.step % r.cfg.log_every == 0
         loss, logs = train_step(r.method, r.opt, x, r.g, r.cfg, r.dev, r.step, r.total_steps, r.spe, do_log,
-                                r.ckpt_path, r.ddp)
+                                r.ddp, r.scaler)
+        r.first_bad = first_nonfinite(loss, r.step, r.first_bad)
         if r.dev.type == 'cuda' and do_log: torch.cuda.synchronize()
         r.train_seconds += time.perf_counter() - t0
         seen += len(x)
-        if do_log: _log_step(r, epoch, loss, logs)
-        if r.bars(): r.mb.child.comment = f'loss {loss:.4f}'
+        if do_log:
+            _check_finite(r); _log_step(r, epoch, loss, logs)
+            if r.bars(): r.mb.child.comment = f'loss {float(loss):.4f}'
         r.step += 1
         if r.budget: r.spent = _max_over_ranks(r.train_seconds, r.dev)  # one all-reduce per step under DDP
         _replan(r)
         t_epoch += _eval_mid_epoch(r)
-    return {'epoch': epoch, 'step': r.step, 'epochs_done': round(r.step / r.spe, 4), 'loss': loss,
+    return {'epoch': epoch, 'step': r.step, 'epochs_done': round(r.step / r.spe, 4), 'loss': float(loss),
             'train_seconds': round(r.train_seconds, 2),
             'images_per_s': round(seen / max(time.perf_counter() - t_epoch, 1e-9), 1)}
 

@@ -73,6 +73,40 @@ def test_resume_is_exact(tmp_path):
     assert any(not torch.equal(a[k], weights(fresh)[k]) for k in a)
 
 
+def _as_if_written_on_a_gpu(path):
+    "Rewrite checkpoint `path` with every storage tagged 'cuda:0', as torch.save tags them on a GPU."
+    entry = (0, lambda storage: 'cuda:0', lambda storage, location: None)
+    torch.serialization._package_registry.append(entry)  # the first tagger that answers wins
+    torch.serialization._package_registry.sort(key=lambda e: e[0])
+    try: save_checkpoint(torch.load(path, weights_only=True), path)
+    finally: torch.serialization._package_registry.remove(entry)
+
+
+def test_resume_of_a_checkpoint_written_on_another_device_is_exact(tmp_path):
+    "A checkpoint from a GPU resumes on this CPU exactly: it is loaded onto the CPU, RNG states included."
+    data = toy_data()
+    straight = ToyMethod(); fit(straight, data, TrainConfig(**CFG), out=tmp_path / 'a')
+    with pytest.raises(KeyboardInterrupt):
+        fit(ToyMethod(interrupt_at=6), data, TrainConfig(**CFG), out=tmp_path / 'b')
+    _as_if_written_on_a_gpu(tmp_path / 'b' / 'checkpoint.pt')
+    if not torch.cuda.is_available():  # the rewrite took: without a map to the CPU, loading needs a GPU
+        with pytest.raises(RuntimeError, match='CUDA'): torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)
+    resumed = ToyMethod(); fit(resumed, data, TrainConfig(**CFG), out=tmp_path / 'b', resume=True)
+    a, b = weights(straight), weights(resumed)
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_rng_states_restore_from_wherever_they_were_loaded():
+    "`map_location` to a GPU makes RNG states CUDA tensors, which `Generator.set_state` refuses; here a wider dtype"
+    "stands in for the other device (the same refusal on a CPU): `set_rng_state` brings them back as CPU bytes."
+    from sslkd.checkpoint import rng_state, set_rng_state
+    g = torch.Generator().manual_seed(3); s = rng_state(g); want = torch.rand(4, generator=g)
+    moved = {k: v.to(torch.int16) for k, v in s.items() if k != 'cuda'}
+    with pytest.raises(TypeError, match='ByteTensor'): torch.Generator().set_state(moved['aug'])
+    g2 = torch.Generator(); set_rng_state(g2, moved)
+    assert torch.equal(torch.rand(4, generator=g2), want)
+
+
 def test_checkpoint_contents_and_weights_only(tmp_path):
     fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path)
     ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)

@@ -68,6 +68,8 @@ def fix_ids_and_links(body, pages, site_url):
         hid = heading_id(inner)
         return f'<h{level} id="{hid}"{attrs}>{inner}<a class="anchor-link" href="#{hid}">¶</a></h{level}>'
     body = re.sub(r'<h([1-6])([^>]*)>(.*?)</h\1>', head, body, flags=re.S)
+    # nbdev links every backticked name it indexes, private helpers too, but only public ones get a doc entry
+    body = re.sub(r'<a href="[^"#]*#_\w*"[^>]*>(.*?)</a>', r'\1', body, flags=re.S)
     return re.sub(r'href="([^"]*)"',
                   lambda m: f'href="{html.escape(rewrite_link(html.unescape(m.group(1)), pages, site_url))}"', body)
 
