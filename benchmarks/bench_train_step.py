@@ -13,7 +13,7 @@ from sslkd.data import FASHION_MEAN, FASHION_STD
 from sslkd.registry import describe, build_method, dataset_defaults, parse_overrides, METHODS
 from sslkd.train import TrainConfig, train_step, param_groups, resolve_device
 
-def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, overrides=()):
+def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, overrides=(), amp='off'):
     d = dataset_defaults(data_name, method_name)
     batch_size = batch_size or d.batch_size
     shape = (1, 28, 28) if data_name == 'fashion_mnist' else (3, 32, 32)
@@ -24,7 +24,7 @@ def bench(method_name, data_name, dev, batch_size, steps, warmup, patch=None, ov
     spec, patch = METHODS[method_name], patch or (d.patch if d.arch.startswith('vit') else None)
     cfg = spec.make_config(**parse_overrides(overrides, spec.config))
     method = build_method(describe(method_name, d.arch, patch, data, cfg, dataset=data_name)).to(dev)
-    cfg = TrainConfig(batch_size=batch_size, device=str(dev))
+    cfg = TrainConfig(batch_size=batch_size, device=str(dev), amp=amp)
     opt = torch.optim.AdamW(param_groups(method.student), lr=cfg.lr)
     g = torch.Generator(device=dev).manual_seed(0)
     times = []
@@ -42,11 +42,12 @@ if __name__ == '__main__':
     p.add_argument('--batch-size', type=int, default=None, help='default: the dataset default')
     p.add_argument('--steps', type=int, default=5); p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--patch', type=int, default=None, help='ViT patch size (default: the dataset default)')
+    p.add_argument('--amp', default='off', help='autocast precision: off (fp32), bf16, fp16 or auto')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='method setting, as in sslkd train')
     a = p.parse_args()
     dev = resolve_device(a.device)
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, {a.data} defaults")
     for m in a.methods.split(','):
-        arch, patch, bs, ips = bench(m, a.data, dev, a.batch_size, a.steps, a.warmup, a.patch, a.set)
+        arch, patch, bs, ips = bench(m, a.data, dev, a.batch_size, a.steps, a.warmup, a.patch, a.set, a.amp)
         extra = f"  ({' '.join(a.set)})" if a.set else ''
-        print(f"{m:16s} {arch} patch {patch} batch {bs}: {ips:8.1f} images/s" + extra)
+        print(f"{m:16s} {arch} patch {patch} batch {bs} {a.amp}: {ips:8.1f} images/s" + extra)
