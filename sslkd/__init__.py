@@ -5,6 +5,7 @@ __version__ = "0.0.1"
 from .data import ImageData, DeviceLoader, load_dataset
 from .evaluate import extract_features, knn_accuracy, linear_probe, evaluate_backbone
 from .metrics import collapse_signals
+from .device import resolve_device, precision
 from .train import Method, TrainConfig, fit
 from .dino import DINO, DINOConfig
 from .ibot import iBOT, iBOTConfig
@@ -15,3 +16,4 @@ from .mae import MAE, MAEConfig
 from .distill import KASSL, KASSLConfig
 from .registry import METHODS, ARCHS, register_method, build_backbone, load_method
 from .runner import run, RunResult, compare, evaluate_checkpoint, PRESETS
+from .plan import plan, Plan

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse, contextlib, os, sys, warnings
 import torch.distributed as dist
 from .data import DataError
-from .train import CheckpointError, TrainingDiverged, init_distributed, AMP_CHOICES
+from .train import CheckpointError, TrainingDiverged, init_distributed, AMP_CHOICES, OutOfDeviceMemory
 from .registry import ARCHS, METHODS, method_spec, parse_overrides
 from .runner import PRESETS, run, evaluate_checkpoint, compare
+from .plan import plan
 
 # %% auto #0
 __all__ = ['COMMANDS', 'parser', 'train_command', 'eval_command', 'compare_command', 'demo_command', 'main']
@@ -52,6 +53,9 @@ def _train_parser(sub):
     a('--compile', action='store_true', help="torch.compile the student's modules (worth it on a GPU; slow to start)")
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision: auto (bf16 on GPUs that have it, else '
                                                           'fp16; fp32 on a CPU), bf16, fp16 or off; default auto')
+    a('--dry-run', action='store_true', help='print parameters, FLOPs per image, memory at the batch size and the time '
+                                             'an epoch takes at --tflops, then stop (see the plan chapter)')
+    a('--tflops', type=float, default=60., help='sustained TFLOP/s assumed by --dry-run for the time per epoch')
     a('--no-progress', action='store_true', help='no progress bars')
 
 # %% ../nbs/19b_cli.ipynb #d3848453
@@ -117,6 +121,10 @@ def train_command(a):
     if a.student_arch and a.arch and a.student_arch != a.arch:
         raise ValueError(f"--arch {a.arch} and --student-arch {a.student_arch} disagree: give one")
     settings = parse_overrides(a.set, method_spec(a.method).config)
+    if a.dry_run:
+        p = plan(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, batch_size=a.batch_size,
+                 device=a.device, amp=a.amp, teacher=a.teacher, data_dir=a.data_dir, **settings)
+        print(p.report(a.tflops)); return p
     return run(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, minutes=a.minutes, epochs=a.epochs,
                out=a.out, seed=a.seed, device=a.device, batch_size=a.batch_size, lr=a.lr, data_dir=a.data_dir,
                val_split=a.val_split, eval_every=a.eval_every, linear=not a.no_linear, teacher=a.teacher,
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
         return 0
-    except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ValueError, DataError, CheckpointError, TrainingDiverged, OutOfDeviceMemory) as e:
         print(f"sslkd {a.command}: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f"\nsslkd {a.command}: interrupted; the last checkpoint written is kept (continue with --resume)",

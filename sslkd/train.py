@@ -15,7 +15,8 @@ from .teacher import cosine_schedule
 from .evaluate import extract_features, knn_accuracy
 from .metrics import collapse_warning
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, load_checkpoint
-from .device import fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device
+from .device import (fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device,
+                          OutOfDeviceMemory, oom_message)
 from .checkpoint import rng_state, set_rng_state, snapshot, restore, config_signature, check_signature
 
 # %% auto #0
@@ -381,13 +382,15 @@ def _epochs(r):
 def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=None):
     "Train `method` on `data` (ImageData); returns a summary dict. See the notebook for what is written to `out`."
     r = Run(method, data, cfg or TrainConfig(), eval_data, out, meta)
-    _plan(r, out, resume)
-    r.mb = master_bar(_epochs(r), total=r.n_epochs - r.start_epoch) if r.bars() else _epochs(r)
-    method.train()
     try:
+        _plan(r, out, resume)
+        r.mb = master_bar(_epochs(r), total=r.n_epochs - r.start_epoch) if r.bars() else _epochs(r)
+        method.train()
         for epoch in r.mb:
             if _end_epoch(r, _train_epoch(r, epoch)): break
         if not r.n_epochs: _write_checkpoint(r)  # nothing to train: the checkpoint holds the untrained method
+    except torch.cuda.OutOfMemoryError:  # a traceback from the allocator says less than the batch size that failed
+        raise OutOfDeviceMemory(oom_message(r.dev, r.cfg.batch_size, r.ckpt_path)) from None
     finally:
         if r.log_file: r.log_file.close()
     return {'steps': r.step, 'total_steps': r.total_steps, 'steps_per_epoch': r.spe,

@@ -306,3 +306,13 @@ def test_kassl_refuses_a_pooled_teacher(folder, tmp_path, capsys):
     assert main(['train', '--method', 'kassl', '--teacher', str(tmp_path / 'm' / 'checkpoint.pt'),
                  '--data', f'folder:{folder}', *TINY]) == 2
     assert 'pooled patch tokens (mae)' in capsys.readouterr().err
+
+
+def test_dry_run_plans_without_training(folder, tmp_path, capsys, monkeypatch):
+    "--dry-run prints the plan (FLOPs per image, memory, time per epoch) and trains nothing, writes nothing."
+    monkeypatch.chdir(tmp_path)
+    assert main(['train', '--method', 'dino', '--data', f'folder:{folder}', '--dry-run', '--tflops', '1',
+                 '--batch-size', '8', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'GFLOP per image per step' in out and 'memory at batch 8' in out and 'at 1 TFLOP/s' in out
+    assert not (tmp_path / 'runs').exists() and [p.name for p in tmp_path.iterdir()] == ['imgs']  # only the fixture

@@ -296,3 +296,17 @@ def test_a_fresh_run_starts_a_fresh_log(tmp_path, resume):
     assert lines[0]['event'] == 'start' and all(l.get('loss') != 9.0 for l in lines)
     fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)  # a resume appends
     assert (tmp_path / 'metrics.jsonl').read_text().splitlines()[:len(lines)] == [json.dumps(l) for l in lines]
+
+
+def test_out_of_memory_is_one_message_with_the_batch_size_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    "An allocator failure mid-run becomes `OutOfDeviceMemory` naming the batch size, a smaller one, and the checkpoint."
+    from sslkd.device import OutOfDeviceMemory
+    real, calls = sslkd.train.train_step, []
+    def oom_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) > 7: raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(sslkd.train, 'train_step', oom_in_epoch_2)
+    with pytest.raises(OutOfDeviceMemory, match=r'batch size 16 per process.*kept at .*Try --batch-size 8'):
+        fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path)
+    assert load_checkpoint(tmp_path / 'checkpoint.pt')['step'] == 6  # epoch 1's checkpoint survives
