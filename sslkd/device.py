@@ -44,6 +44,7 @@ def cpu_has_bf16():
     except OSError: return False
     return bool(flags & {'amx_bf16', 'avx512_bf16'})
 
+@functools.lru_cache(None)  # asked at every training step: decided once per (choice, device)
 def precision(amp, dev):
     "The autocast dtype of `amp` ('auto', 'bf16', 'fp16', 'off'; True/False for 'auto'/'off') on `dev`; None is fp32."
     amp = {True: 'auto', False: 'off', None: 'off'}.get(amp, amp)

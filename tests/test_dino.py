@@ -334,23 +334,7 @@ def test_family_follows_the_method_contract():
 
 # ---- no host synchronisation in an ordinary step ------------------------------------------------------------
 
-from sslkd.masking import HostSyncs
-
-
-class FixedViews:
-    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
-    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
-    def __call__(self, x, g): return self.views
-
-
-def syncs_in_step(m, x, **kw):
-    "Host syncs of one ordinary training step of `m` on `x`, its backward included (the augmentation left out)."
-    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
-    m.training_step(x, torch.Generator().manual_seed(1), 0, 100, **kw)  # the first call may make constants
-    with HostSyncs() as s:
-        loss, _ = m.training_step(x, torch.Generator().manual_seed(1), 1, 100, **kw)
-        loss.backward()
-    return s
+from step_syncs import syncs_in_step
 
 
 @pytest.mark.parametrize('G,V', [(2, 2), (2, 6), (1, 3), (3, 5)])
@@ -386,5 +370,5 @@ def test_weighted_center_is_all_reduced_with_its_weights(monkeypatch):
 
 
 def test_an_ordinary_step_never_waits_for_the_host():
-    s = syncs_in_step(tiny_dino(), batch())
+    s, _ = syncs_in_step(tiny_dino(), batch())
     assert s.n == 0, dict(s.counts)

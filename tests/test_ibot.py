@@ -285,23 +285,12 @@ def test_state_dict_round_trip_restores_centres_and_teacher():
 
 # ---- no host synchronisation in an ordinary step ------------------------------------------------------------
 
-from sslkd.masking import HostSyncs
-
-
-class FixedViews:
-    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
-    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
-    def __call__(self, x, g): return self.views
+from step_syncs import syncs_in_step
 
 
 @pytest.mark.parametrize('kw', [{}, dict(mask_mode='random'), dict(patch_mean_over='all_images', shared_head=False),
                                 dict(mask_prob=0.), dict(mask_prob=1.)])
 def test_an_ordinary_step_never_waits_for_the_host(kw):
-    m, x = tiny_ibot(tiny_cfg(**kw)), batch()
-    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
-    m.training_step(x, torch.Generator().manual_seed(1), 0, 100)
-    with HostSyncs() as s:
-        loss, logs = m.training_step(x, torch.Generator().manual_seed(1), 1, 100)
-        loss.backward()
+    s, logs = syncs_in_step(tiny_ibot(tiny_cfg(**kw)), batch())
     assert s.n == 0, dict(s.counts)
     assert set(logs) == {'teacher_temp', 'teacher_patch_temp', 'momentum'}   # plain numbers, nothing read back

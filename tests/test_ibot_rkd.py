@@ -177,7 +177,7 @@ def test_loss_goes_down(make):
 # ---- weights instead of selection: the same values, and no host synchronisation --------------------------------
 
 from sslkd.ibot_rkd import relational_loss, ema_structure_, RELATIONS
-from sslkd.masking import HostSyncs
+from step_syncs import syncs_in_step
 
 
 @pytest.mark.parametrize('relation', RELATIONS)
@@ -209,19 +209,8 @@ def test_weighted_structure_centre_equals_the_selected_one():
     assert torch.equal(c1, c3)                                 # no masked crop: the centre stays
 
 
-class FixedViews:
-    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
-    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
-    def __call__(self, x, g): return self.views
-
-
 @pytest.mark.parametrize('make', [ibot_rkd_d, ibot_rkd_a, ibot_rkd_da, ibot_rkd_struct])
 @pytest.mark.parametrize('kw', [{}, dict(add_to_ibot=True), dict(mask_prob=0.)])
 def test_an_ordinary_step_never_waits_for_the_host(make, kw):
-    m, x = build(make, **kw), batch()
-    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
-    step(m, x, log=False)
-    with HostSyncs() as s:
-        loss, _ = step(m, x, s=1, log=False)
-        loss.backward()
+    s, _ = syncs_in_step(build(make, **kw), batch(), log=False)
     assert s.n == 0, dict(s.counts)

@@ -366,23 +366,13 @@ def test_multi_level_errors_without_a_vit():
 
 # ---- no host synchronisation in an ordinary step ------------------------------------------------------------
 
-from sslkd.masking import HostSyncs
-
-
-class FixedViews:
-    "The views `augment` made once, returned at every call: a step counted without the augmentation's own ops."
-    def __init__(self, augment, x, g): self.n_global, self.views = augment.n_global, augment(x, g)
-    def __call__(self, x, g): return self.views
+from step_syncs import syncs_in_step
 
 
 @pytest.mark.parametrize('kw', [{}, dict(aggregate='entropy_weighted'), dict(aggregate='mean_loss', level_weight=0.5),
                                 dict(aggregate='mean_logprobs')])
 def test_an_ordinary_step_never_waits_for_the_host(kw):
-    m, x = tiny(**kw), batch()
+    m = tiny(**kw)
     m.add_frozen_teacher()
-    m.augment = FixedViews(m.augment, x, torch.Generator().manual_seed(0))
-    m.training_step(x, torch.Generator().manual_seed(1), 0, 100)
-    with HostSyncs() as s:
-        loss, _ = m.training_step(x, torch.Generator().manual_seed(1), 1, 100)
-        loss.backward()
+    s, _ = syncs_in_step(m, batch())
     assert s.n == 0, dict(s.counts)
