@@ -99,11 +99,6 @@ def _world_size(): return dist.get_world_size() if is_distributed() else 1
 def _rank(): return dist.get_rank() if is_distributed() else 0
 def is_main_process(): return not is_distributed() or dist.get_rank() == 0
 
-def _all_ranks(flag, dev):
-    "True when `flag` holds on every rank."
-    t = torch.tensor(float(flag), device=dev); dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t)
-
 def _max_over_ranks(v, dev):
     "The largest `v` over the ranks (`v` itself in one process)."
     if not is_distributed(): return v
