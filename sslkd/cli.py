@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse, contextlib, os, sys, warnings
 import torch.distributed as dist
 from .data import DataError
-from .train import CheckpointError, TrainingDiverged, init_distributed, AMP_CHOICES, OutOfDeviceMemory
+from .train import CheckpointError, TrainingDiverged, AMP_CHOICES, OutOfDeviceMemory, COMPILE_CHOICES
+from .device import init_distributed
 from .registry import ARCHS, METHODS, method_spec, parse_overrides
 from .runner import PRESETS, run, evaluate_checkpoint, compare
 from .plan import plan
@@ -50,7 +51,8 @@ def _train_parser(sub):
     a('--stages', type=int, default=1, help='multi-stage self-distillation (multi_teacher): split the budget over this '
       'many stages; after each, the teacher is frozen as an extra teacher and the student restarts from fresh weights '
       '(stage k in OUT/stageK, the last in OUT); default 1')
-    a('--compile', action='store_true', help="torch.compile the student's modules (worth it on a GPU; slow to start)")
+    a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile the step's tensor work: auto (on a "
+                                                                 "GPU; on a CPU it did not pay), on or off")
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision: auto (bf16 on GPUs that have it, else '
                                                           'fp16; fp32 on a CPU), bf16, fp16 or off; default auto')
     a('--dry-run', action='store_true', help='print parameters, FLOPs per image, memory at the batch size and the time '
@@ -88,7 +90,8 @@ def _compare_options(p):
     a('--no-linear', action='store_true', help='skip the linear probes')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision of every run: auto, bf16, fp16 or off')
-    a('--compile', action='store_true', help="torch.compile every run's student (worth it on a GPU)")
+    a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile every run's step: auto (on a GPU), "
+                                                                 "on or off")
     a('--no-progress', action='store_true', help='no progress bars')
 
 # %% ../nbs/19b_cli.ipynb #5494a33f

@@ -202,10 +202,10 @@ class SimCLR(Method):
         self.student = nn.ModuleDict(dict(backbone=backbone, projector=proj))
         self.augment = two_views(cfg, img_size, channels, mean, std)
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "NT-Xent of the two views of the uint8 batch `x` (augmented with generator `g`), and logs."
-        B = len(x)
-        h = self.student.backbone(torch.cat(self.augment(x, g)))
+    def forward_loss(self, views, log=False):
+        "NT-Xent of the two `views` (from `prepare`: the uint8 batch augmented with generator `g`), and logs."
+        B = len(views[0])
+        h = self.student.backbone(torch.cat(views))
         z = self.student.projector(h)
         loss = nt_xent(z[:B], z[B:], self.cfg.temperature, self.cfg.gather)
         logs = {}
@@ -248,6 +248,10 @@ class MomentumMethod(Method):
     def momentum(self, step, total_steps):
         "EMA momentum at `step`: cosine from `momentum_start` to `momentum_end`."
         return cosine_schedule(step, max(total_steps, 1), self.cfg.momentum_start, self.cfg.momentum_end)
+
+    def prepare(self, x, g, step, total_steps):
+        "The two views of the uint8 batch `x` (generator `g`); the momentum goes into the logs."
+        return (self.augment(x, g),), dict(momentum=self.momentum(step, total_steps))
 
     def encode(self, views):
         "Online outputs (predictor's if any) and backbone features of the views, run as one batch."
@@ -322,9 +326,9 @@ class MoCo(MomentumMethod):
             self.register_buffer('queue', F.normalize(torch.randn(cfg.queue_size, cfg.out_dim), dim=1))
             self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the two views of the uint8 batch `x` (augmented with generator `g`), and logs."
-        B, (v1, v2) = len(x), self.augment(x, g)
+    def forward_loss(self, views, log=False):
+        "Loss of the two `views` of a batch (`prepare`), and logs."
+        B, (v1, v2) = len(views[0]), views
         pairs = 2 if self.cfg.symmetric or not self.variant['queue'] else 1   # queries: view 1 (and view 2)
         q, h = self.encode([v1, v2][:pairs])
         k, hk = self.encode_momentum([v2, v1][:pairs])                    # each query's key: the other view
@@ -334,7 +338,7 @@ class MoCo(MomentumMethod):
             enqueue_(self.queue, self.queue_ptr, gather_keys(F.normalize(fp32(k), dim=1)))
         else:
             loss = sum(in_batch_info_nce(qi, ki, self.cfg.temperature) for qi, ki in zip(qs, ks))
-        logs = dict(momentum=self.momentum(step, total_steps))
+        logs = {}
         # features of view 1: the online encoder's h[:B]; the momentum encoder saw view 1 second (or not at all)
         if log: logs.update(loss=loss.item(), **two_view_signals(self.eval_feats(h[:B], hk[-B:]), qs[0], ks[0]))
         return loss, logs
@@ -367,12 +371,12 @@ class BYOL(MomentumMethod):
         super().__init__(backbone, img_size, channels, mean, std, cfg, predictor=True)
         self.augment = two_views(self.cfg, img_size, channels, mean, std)
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "BYOL's symmetric loss of the two views of the uint8 batch `x` (augmented with generator `g`), and logs."
-        B, views = len(x), self.augment(x, g)
+    def forward_loss(self, views, log=False):
+        "BYOL's symmetric loss of the two `views` of a batch (`prepare`), and logs."
+        B = len(views[0])
         p, h = self.encode(views)
         z, hz = self.encode_momentum(views)
         loss = byol_symmetric_loss(p[:B], p[B:], z[:B], z[B:])
-        logs = dict(momentum=self.momentum(step, total_steps))
+        logs = {}
         if log: logs.update(loss=loss.item(), **two_view_signals(self.eval_feats(h[:B], hz[:B]), p[:B], z[B:]))
         return loss, logs

@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['AMP_CHOICES', 'fp32', 'is_distributed', 'resolve_device', 'cpu_has_bf16', 'precision', 'describe_device',
-           'OutOfDeviceMemory', 'oom_message']
+           'OutOfDeviceMemory', 'oom_message', 'is_main_process', 'ddp_wrap', 'init_distributed']
 
 # %% ../nbs/07a_device.ipynb #71bf7ca0
 # the device, its precision and the process group: what every module may ask, so it sits below them all
-import functools, os, warnings
+import functools, inspect, os, warnings
 from pathlib import Path
-import torch
+import torch, torch.nn as nn
 import torch.distributed as dist
 
 # %% ../nbs/07a_device.ipynb #cc3c9cd9
@@ -80,3 +80,39 @@ def oom_message(dev, batch_size, ckpt=None):
     return (f"out of memory on {dev} at batch size {batch_size} per process{used}; {kept}. Try --batch-size "
             f"{max(1, batch_size // 2)} (the learning rate is scaled with it), fewer or smaller local crops, or a "
             f"smaller --arch")
+
+# %% ../nbs/07a_device.ipynb #6f73eb5b
+def _world_size(): return dist.get_world_size() if is_distributed() else 1
+def _rank(): return dist.get_rank() if is_distributed() else 0
+def is_main_process(): return not is_distributed() or dist.get_rank() == 0
+
+def _max_over_ranks(v, dev):
+    "The largest `v` over the ranks (`v` itself in one process)."
+    if not is_distributed(): return v
+    t = torch.tensor(float(v), device=dev); dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+class _StepModule(nn.Module):
+    "A method as DDP sees it: forward is the training step, so DDP all-reduces the student's gradients in backward."
+    def __init__(self, method): super().__init__(); self.method = method
+    def forward(self, *args, **kw): return self.method.training_step(*args, **kw)
+
+def ddp_wrap(method, dev):
+    "`method` wrapped in DistributedDataParallel when torch.distributed is initialised, else None."
+    if not is_distributed(): return None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for b in method.buffers(): dist.broadcast(b, 0)  # DDP broadcasts the parameters; buffers start from rank 0's too
+    # after that the methods keep their buffers (centers, queues) in step themselves: no broadcast at every forward
+    sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters else \
+           'broadcast_buffers'
+    # a method whose steps may leave a parameter unused says so (DDP then searches the graph every step)
+    return DDP(_StepModule(method), device_ids=[dev.index] if dev.type == 'cuda' else None,
+               find_unused_parameters=getattr(method, 'find_unused_parameters', False), **{sync: False})
+
+def init_distributed():
+    "Join torchrun's process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; returns (rank, world_size)."
+    ws = int(os.environ.get('WORLD_SIZE', 1))
+    if ws > 1 and not is_distributed():
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)

@@ -263,11 +263,14 @@ class DINO(SelfDistillation):
         c = self.cfg
         return teacher_temp_schedule(step, total_steps, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_frac)
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the multi-crop views of the uint8 batch `x` (augmented with generator `g`), and logs."
-        views = self.augment(x, g)
-        B, G = len(x), self.augment.n_global
+    def prepare(self, x, g, step, total_steps):
+        "The multi-crop views of the uint8 batch `x` (generator `g`) and the teacher temperature; their logs."
         temp = self.teacher_temp(step, total_steps)
+        return (self.augment(x, g), temp), dict(teacher_temp=temp, momentum=self.momentum(step, total_steps))
+
+    def forward_loss(self, views, temp, log=False):
+        "DINO's loss of the multi-crop `views` at teacher temperature `temp`; with `log`, its collapse signals."
+        B, G = len(views[0]), self.augment.n_global
         s = self.student.head(multicrop_forward(self.student.backbone, views))
         with torch.no_grad():
             teacher_mode_(self.teacher)
@@ -275,10 +278,8 @@ class DINO(SelfDistillation):
             t = self.teacher.head(t_feats)
         s = s.view(len(views), B, -1)
         loss = self.loss(s, t.view(G, B, -1), temp)
-        logs = dict(teacher_temp=temp, momentum=self.momentum(step, total_steps))
-        if log:
-            logs.update(loss=loss.item(), **step_signals(self.loss.teacher_probs, s, self.cfg.student_temp, t_feats))
-        return loss, logs
+        if not log: return loss, {}
+        return loss, dict(loss=loss.item(), **step_signals(self.loss.teacher_probs, s, self.cfg.student_temp, t_feats))
 
     def after_backward(self, step, total_steps, steps_per_epoch):
         "Cancel the last layers' gradients during the first steps (`frozen_steps`)."

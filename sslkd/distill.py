@@ -210,9 +210,9 @@ class KASSL(Method):
             if self.training: ema_center_(self.target_center.view(1, -1), t, self.cfg.center_momentum)
             return t - self.target_center
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of two augmented views of the uint8 batch `x` (generator `g`), and logs (`_step_logs`)."
-        views, B = self.augment(x, g), len(x)
+    def forward_loss(self, views, log=False):
+        "Loss of the two augmented `views` of a batch (`prepare`), and logs (`_step_logs`)."
+        B = len(views[0])
         s_views, t_views = sorted({i for i, _ in self.pairs}), sorted({j for _, j in self.pairs})
         feats = self.student.backbone(torch.cat([views[i] for i in s_views]))
         preds = dict(zip(s_views, self.student.extension(feats).split(B)))

@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['PATCH_MEAN_OVER', 'ibot_patch_loss_naive', 'masked_patch_cross_entropy', 'iBOTPatchLoss', 'iBOTLoss', 'iBOTConfig',
-           'patch_out_dim', 'check_ibot', 'ibot_tokens', 'ibot_logits', 'iBOT']
+           'patch_out_dim', 'check_ibot', 'Tokens', 'ibot_tokens', 'ibot_logits', 'iBOT']
 
 # %% ../nbs/09_ibot.ipynb #3bfb7f97
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from .masking import MaskGenerator
 from .train import fp32
@@ -135,6 +135,10 @@ def check_ibot(backbone, cfg):
         raise ValueError(f"a shared head has one set of {cfg.out_dim} prototypes but "
                          f"patch_out_dim={patch_out_dim(cfg)}: set patch_out_dim=None or shared_head=False")
 
+class Tokens(NamedTuple):
+    "What `ibot_tokens` gives: sizes (B, G global and V views), the mask and both networks' tokens."
+    B: int; G: int; V: int; mask: torch.Tensor; tok: torch.Tensor; cls: torch.Tensor; t_tok: torch.Tensor
+
 def ibot_tokens(student, teacher, views, mask, n_global):
     "Student: tokens of the masked globals (G*B, 1+N, D), CLS of every view (V*B, D); teacher: tokens of the globals."
     glob = torch.cat(views[:n_global])
@@ -144,7 +148,7 @@ def ibot_tokens(student, teacher, views, mask, n_global):
     with torch.no_grad():
         teacher_mode_(teacher)
         t_tok = teacher.backbone.forward_features(glob)
-    return SimpleNamespace(B=len(views[0]), G=n_global, V=len(views), mask=mask, tok=tok, cls=cls, t_tok=t_tok)
+    return Tokens(len(views[0]), n_global, len(views), mask, tok, cls, t_tok)
 
 def ibot_logits(student, teacher, o):
     "The heads on `ibot_tokens` `o`: student CLS (V,B,K), patches (G,B,N,K'); teacher CLS (G,B,K), patches (G,B,N,K')."
@@ -184,25 +188,24 @@ class iBOT(DINO):
         return self.teacher_temp(step, total_steps), teacher_temp_schedule(
             step, total_steps, c.warmup_teacher_patch_temp, c.teacher_patch_temp, c.warmup_teacher_frac)
 
-    def masked_step(self, x, g, step, total_steps):
-        "A step's start: views, masks (G*B, N), both networks' tokens (`ibot_tokens`), temperatures and logs."
+    def prepare(self, x, g, step, total_steps):
+        "Views of the uint8 batch `x` and masks (G*B, N), drawn with `g`; the temperatures (CLS, patch); logs."
         views, G = self.augment(x, g), self.augment.n_global
-        o = ibot_tokens(self.student, self.teacher, views, self.masks(G * len(x), grid=self.grid, g=g).to(x.device), G)
-        o.temp, o.patch_temp = self.temps(step, total_steps)
-        o.logs = dict(teacher_temp=o.temp, teacher_patch_temp=o.patch_temp, momentum=self.momentum(step, total_steps))
-        return o
+        temp, patch_temp = self.temps(step, total_steps)
+        logs = dict(teacher_temp=temp, teacher_patch_temp=patch_temp, momentum=self.momentum(step, total_steps))
+        return (views, self.masks(G * len(x), grid=self.grid, g=g).to(x.device), temp, patch_temp), logs
 
-    def ibot_loss(self, o, log=False):
-        "iBOT's loss of a `masked_step` `o`; with `log`, its parts and collapse signals go into `o.logs`."
+    def ibot_loss(self, o, temp, patch_temp, logs=None):
+        "iBOT's loss of `ibot_tokens` `o`; its parts and collapse signals go into `logs` when one is given."
         s_cls, s_patch, t_cls, t_patch = ibot_logits(self.student, self.teacher, o)
-        loss = self.loss(s_cls, t_cls, s_patch, t_patch, o.mask.view(o.G, o.B, -1), o.temp, o.patch_temp)
-        if log: o.logs.update({k: v.item() for k, v in self.loss.parts.items()},
-                              **step_signals(self.loss.teacher_probs, s_cls, self.cfg.student_temp, o.t_tok[:, 0]))
+        loss = self.loss(s_cls, t_cls, s_patch, t_patch, o.mask.view(o.G, o.B, -1), temp, patch_temp)
+        if logs is not None: logs.update({k: v.item() for k, v in self.loss.parts.items()}, **step_signals(
+            self.loss.teacher_probs, s_cls, self.cfg.student_temp, o.t_tok[:, 0]))
         return loss
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the multi-crop views of the uint8 batch `x`, globals masked for the student (generator `g`), and logs."
-        o = self.masked_step(x, g, step, total_steps)
-        loss = self.ibot_loss(o, log)
-        if log: o.logs.update(loss=loss.item(), mask_ratio=o.mask.float().mean().item())
-        return loss, o.logs
+    def forward_loss(self, views, mask, temp, patch_temp, log=False):
+        "iBOT's loss of `prepare`'s views, globals masked for the student by `mask`; with `log`, parts and signals."
+        o, logs = ibot_tokens(self.student, self.teacher, views, mask, self.augment.n_global), {}
+        loss = self.ibot_loss(o, temp, patch_temp, logs if log else None)
+        if log: logs.update(loss=loss.item(), mask_ratio=mask.float().mean().item())
+        return loss, logs

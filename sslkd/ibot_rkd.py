@@ -14,7 +14,7 @@ from .rkd import rkd_distance_loss_sets, rkd_angle_loss_sets
 from .metrics import feature_std, effective_rank
 from .train import fp32
 from .dino import ema_center_
-from .ibot import iBOT, iBOTConfig, _patch_head
+from .ibot import iBOT, iBOTConfig, _patch_head, ibot_tokens
 
 # %% ../nbs/13_ibot_rkd.ipynb #9f6885e9
 EMBEDDINGS = {  # (head, backbone features (..., D)) -> the vectors whose relations are distilled
@@ -109,14 +109,14 @@ class iBOTRKD(iBOT):
             if value not in known: raise ValueError(f"{name}={value!r}: choose one of {list(known)}")
         super().setup(backbone, img_size)
 
-    def relational_terms(self, o):
-        "CLS term (across the batch), patch term (within each masked image) of a `masked_step`; the teacher's CLS."
+    def relational_terms(self, o, temp, patch_temp):
+        "CLS term (across the batch), patch term (within each masked image) of `ibot_tokens` `o`; the teacher's CLS."
         c, net, t = self.cfg, self.student, self.teacher
         emb = lambda head, f: EMBEDDINGS[c.embedding](head, fp32(f))
         with torch.autocast(o.cls.device.type, enabled=False):   # relations are normalised: fp32
             s_cls = emb(net.head, o.cls).view(o.V, o.B, -1)
             with torch.no_grad(): t_cls = emb(t.head, o.t_tok[:, 0]).view(o.G, o.B, -1)
-            l_cls = cross_view_mean(lambda a, b: relational_loss(c, a, b, None, o.temp, c.student_temp), s_cls, t_cls)
+            l_cls = cross_view_mean(lambda a, b: relational_loss(c, a, b, None, temp, c.student_temp), s_cls, t_cls)
             w = o.mask.view(o.G * o.B, -1).any(-1)                  # (G*B,) 1 for the crops with a mask
             s_p = emb(_patch_head(net), o.tok[:, 1:])               # every crop: weighted, not selected (no sync)
             with torch.no_grad():
@@ -124,24 +124,25 @@ class iBOTRKD(iBOT):
                 t_rel = relation_logits(t_p) if c.relation == 'struct' else None
                 if t_rel is not None and self.training:
                     ema_structure_(self.patch_struct_center, t_rel, c.struct_center_momentum, w)
-            l_patch = relational_loss(c, s_p, t_p, self.patch_struct_center, o.patch_temp, c.patch_student_temp,
+            l_patch = relational_loss(c, s_p, t_p, self.patch_struct_center, patch_temp, c.patch_student_temp,
                                       t_rel, w)
         return l_cls, l_patch, t_cls
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Relational (and, with `add_to_ibot`, iBOT's) loss of the views of the uint8 batch `x`, globals masked."
-        c, o = self.cfg, self.masked_step(x, g, step, total_steps)
-        l_cls, l_patch, t_cls = self.relational_terms(o)
+    def forward_loss(self, views, mask, temp, patch_temp, log=False):
+        "Relational (and, with `add_to_ibot`, iBOT's) loss of iBOT's `prepare` views, globals masked; and logs."
+        c, logs = self.cfg, {}
+        o = ibot_tokens(self.student, self.teacher, views, mask, self.augment.n_global)
+        l_cls, l_patch, t_cls = self.relational_terms(o, temp, patch_temp)
         rkd = c.lambda1 * l_cls + c.lambda2 * l_patch
-        loss = self.ibot_loss(o, log) + c.rkd_weight * rkd if c.add_to_ibot else rkd
+        loss = self.ibot_loss(o, temp, patch_temp, logs if log else None) + c.rkd_weight * rkd if c.add_to_ibot else rkd
         if log:
-            o.logs.update(loss=loss.item(), loss_rkd_cls=l_cls.item(), loss_rkd_patch=l_patch.item(),
-                          mask_ratio=o.mask.float().mean().item())
+            logs.update(loss=loss.item(), loss_rkd_cls=l_cls.item(), loss_rkd_patch=l_patch.item(),
+                        mask_ratio=mask.float().mean().item())
             if not c.add_to_ibot:  # no prototypes are trained: the features are what can collapse
                 f = fp32(o.t_tok[:, 0])
-                o.logs.update(feature_std=feature_std(f), effective_rank=effective_rank(f),
-                              embedding_effective_rank=effective_rank(t_cls.flatten(0, 1)))
-        return loss, o.logs
+                logs.update(feature_std=feature_std(f), effective_rank=effective_rank(f),
+                            embedding_effective_rank=effective_rank(t_cls.flatten(0, 1)))
+        return loss, logs
 
 # %% ../nbs/13_ibot_rkd.ipynb #c5a84b15
 def _make(relation):

@@ -226,7 +226,7 @@ def _reconstruct(method, x, g, fill=0.5):
     try:
         img = x.float() / 255 if x.dtype == torch.uint8 else x
         v = normalize(img, method.mean, method.std)
-        _, pred, mask = method.forward_loss(v, g)
+        _, pred, mask = method.masked_loss(v, g)
         p, cfg = method.student.backbone.patch_size, method.cfg
         pred = fp32(pred)
         if cfg.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
@@ -261,19 +261,30 @@ class MAE(Method):
                              "resize them or use an augment that crops")
         return normalize(x, self.mean, self.std)
 
-    def forward_loss(self, v, g):
-        "Mask normalised images `v` with generator `g`, reconstruct: (loss, predicted patches (B, N, C*p*p), mask)."
+    def draw_mask(self, v, g):
+        "The random masking of normalised images `v`, drawn with generator `g`: (ids_keep, mask)."
         _check_generator(g, v)
-        bb, dec = self.student.backbone, self.student.decoder
-        ids_keep, mask = random_masking(len(v), dec.num_patches, self.cfg.mask_ratio, g)
-        pred = dec(encode_visible(bb, v, ids_keep), ids_keep)
-        loss = mae_loss(pred, patchify(v, bb.patch_size), mask, self.cfg.norm_pix_loss, self.cfg.norm_pix_eps)
-        return loss, pred, mask
+        return random_masking(len(v), self.student.decoder.num_patches, self.cfg.mask_ratio, g)
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the uint8 batch `x` (augmented and masked with generator `g`), and logs."
+    def reconstruction(self, v, ids_keep, mask):
+        "(loss, predicted patches (B, N, C*p*p)) of normalised images `v` whose `ids_keep` patches are visible."
+        bb, dec = self.student.backbone, self.student.decoder
+        pred = dec(encode_visible(bb, v, ids_keep), ids_keep)
+        return mae_loss(pred, patchify(v, bb.patch_size), mask, self.cfg.norm_pix_loss, self.cfg.norm_pix_eps), pred
+
+    def masked_loss(self, v, g):
+        "Mask normalised images `v` with generator `g`, reconstruct: (loss, predicted patches, mask)."
+        ids_keep, mask = self.draw_mask(v, g)
+        return (*self.reconstruction(v, ids_keep, mask), mask)
+
+    def prepare(self, x, g, step, total_steps):
+        "The augmented view of the uint8 batch `x` and its masking, both drawn with generator `g`."
         v = self.augment(x, g)
-        loss, pred, mask = self.forward_loss(v, g)
+        return (v, *self.draw_mask(v, g)), {}
+
+    def forward_loss(self, v, ids_keep, mask, log=False):
+        "Loss of `prepare`'s view `v` (its `ids_keep` patches visible); with `log`, the yardstick and signals."
+        loss, pred = self.reconstruction(v, ids_keep, mask)
         if not log: return loss, {}
         with torch.no_grad(): f = self.eval_backbone()(v)
         target = patchify(v, self.student.backbone.patch_size)

@@ -297,25 +297,28 @@ class MultiTeacher(FrozenTeachers, EMATeachers, DINO):
         if self.level: heads['level_head'] = dino_head(self.cfg, dim, self.cfg.level_out_dim)
         return heads
 
-    def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the multi-crop views of the uint8 batch `x` (generator `g`) against the aggregated teachers, and logs."
-        cfg, views = self.cfg, self.augment(x, g)
-        B, G, V = len(x), self.augment.n_global, len(views)
-        temp, block = self.teacher_temp(step, total_steps), cfg.level_block if self.level else None
+    def prepare(self, x, g, step, total_steps):
+        "DINO's views and teacher temperature; the logs add every EMA teacher's momentum."
+        inputs, logs = super().prepare(x, g, step, total_steps)
+        ema = {f'momentum_ema{i}': self.momentum(step, total_steps, i) for i in range(len(self.teachers))}
+        return inputs, logs | ema
+
+    def forward_loss(self, views, temp, log=False):
+        "Loss of the multi-crop `views` against the aggregated teachers at temperature `temp`, and logs."
+        cfg, B, G, V = self.cfg, len(views[0]), self.augment.n_global, len(views)
+        block = cfg.level_block if self.level else None
         s = head_logits(self.student, multilevel_features(self.student.backbone, views, block), self.level)
         teachers = self.active_teachers()
         t_out = [teacher_outputs(slot, views[:G], block, frozen) for _, slot, frozen in teachers]
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(views[0].device.type, enabled=False):
             parts = {key: head_loss(s[key].view(V, B, -1), [o[key].view(G, B, -1) for _, o in t_out],
                                     [getattr(slot, CENTERS[key]) for _, slot, _ in teachers], temp,
                                     cfg.student_temp, cfg.aggregate) for key in s}
             loss = parts['main'][2] + cfg.level_weight * parts['level'][2] if self.level else parts['main'][2]
         for (_, slot, _), (_, o) in zip(teachers, t_out):
             for key in s: ema_center_(getattr(slot, CENTERS[key]), o[key].view(G, B, -1), cfg.center_momentum)
-        logs = dict(teacher_temp=temp, momentum=self.momentum(step, total_steps),
-                    **{f'momentum_ema{i}': self.momentum(step, total_steps, i) for i in range(len(self.teachers))})
-        if not log: return loss, logs
-        logs.update(loss=loss.item(), loss_main=parts['main'][2].item(), n_teachers=len(teachers))
+        if not log: return loss, {}
+        logs = dict(loss=loss.item(), loss_main=parts['main'][2].item(), n_teachers=len(teachers))
         if self.level: logs['loss_level'] = parts['level'][2].item()
         logs.update(teacher_logs([n for n, _, _ in teachers], parts['main']))
         # the collapse signals of the evaluated teacher if it takes part (else the first), on its final CLS features

@@ -11,7 +11,7 @@ import torch
 import matplotlib.pyplot as plt
 from .data import ImageData, load_dataset
 from .evaluate import evaluate_backbone
-from .train import Method, TrainConfig, fit, resolve_device, is_main_process, precision, describe_device
+from .train import Method, TrainConfig, fit, resolve_device, is_main_process, precision, describe_device, compiles
 from .registry import (ARCHS, METHODS, register_method, method_spec, source_of, dataset_defaults, describe,
                             build_method, check_settings, load_method, load_teacher)
 from .viz import (read_metrics, plot_loss_curves, plot_knn_curves, plot_collapse_signals, plot_agreement,
@@ -100,7 +100,8 @@ def _announce(name, data, n, val_split, arch, patch, cfg, minutes, stages, out):
           f"{'a validation split' if val_split else 'the test split'}), {arch}" + (f" patch {patch}" if patch else '')
           + what + (f", {stages} stages" if stages > 1 else '') + f" -> {out}")
     dev = resolve_device(cfg.device)
-    print(f"sslkd: {describe_device(dev, cfg.device, precision(cfg.amp, dev))}")
+    print(f"sslkd: {describe_device(dev, cfg.device, precision(cfg.amp, dev))}, "
+          f"step {'compiled' if compiles(cfg.compile, dev) else 'not compiled'}")
     if dev.type == 'cpu' and cfg.device == 'auto' and is_main_process():
         warnings.warn("no CUDA GPU is visible to torch, so this run trains on the CPU: fine for the Fashion-MNIST "
                       "defaults, slow for CIFAR ViTs (choose the CPU explicitly to silence this: --device cpu)",
@@ -123,7 +124,7 @@ def _train_stages(method, desc, fit_data, eval_data, cfg, out, resume, stages, s
 # %% ../nbs/19a_runner.ipynb #1bac7e04
 def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, epochs=None, out=None, seed=0,
         device='auto', evaluate=True, batch_size=None, lr=None, data_dir=None, val_split=0., eval_every=1.,
-        linear=True, teacher=None, stages=1, compile=False, amp='auto', resume=False, progress=True,
+        linear=True, teacher=None, stages=1, compile='auto', amp='auto', resume=False, progress=True,
         **settings) -> RunResult:
     "Train `method` on `data` with the dataset's defaults and the method's `settings`; evaluate it; save it in `out`."
     name = _method_name(method); spec = method_spec(name)
@@ -152,7 +153,8 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
     acc = evaluate_method(m, *((fit_data, eval_data) if val_split else (train, test)), linear=linear)
     dev = resolve_device(cfg.device)
     row = {**_row(desc, seed, row['epochs'], seconds, acc), 'split': f'val {val_split:g}' if val_split else 'test',
-           'device': str(dev), 'precision': str(precision(cfg.amp, dev) or torch.float32).removeprefix('torch.')}
+           'device': str(dev), 'precision': str(precision(cfg.amp, dev) or torch.float32).removeprefix('torch.'),
+           'compiled': compiles(cfg.compile, dev)}
     if stages > 1: row['stages'] = stages
     write_results(out / 'results.json', data, [row])
     _print_row(row); print(f"wrote {out/'checkpoint.pt'}, {out/'metrics.jsonl'}, {out/'results.json'}")

@@ -16,13 +16,14 @@ from .evaluate import extract_features, knn_accuracy
 from .metrics import collapse_warning
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, load_checkpoint
 from .device import (fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device,
-                          OutOfDeviceMemory, oom_message)
+                          OutOfDeviceMemory, oom_message, _world_size, _rank, is_main_process, _max_over_ranks,
+                          ddp_wrap, init_distributed)
 from .checkpoint import rng_state, set_rng_state, snapshot, restore, config_signature, check_signature
 
 # %% auto #0
-__all__ = ['REPLAN_AT', 'SIGNAL_KEYS', 'NoConfig', 'Method', 'TrainConfig', 'param_groups', 'lr_wd_at', 'is_main_process',
-           'TrainingDiverged', 'first_nonfinite', 'check_finite', 'train_step', 'replan_steps', 'knn_eval', 'ddp_wrap',
-           'init_distributed', 'Run', 'fit']
+__all__ = ['COMPILE_CHOICES', 'REPLAN_AT', 'SIGNAL_KEYS', 'NoConfig', 'Method', 'TrainConfig', 'param_groups', 'lr_wd_at',
+           'TrainingDiverged', 'first_nonfinite', 'check_finite', 'train_step', 'compiles', 'compile_step',
+           'replan_steps', 'knn_eval', 'Run', 'fit']
 
 # %% ../nbs/11_train.ipynb #182fcc25
 @dataclass
@@ -30,8 +31,9 @@ class NoConfig:
     "Settings of a method that has none."
 
 class Method(nn.Module):
-    "What `fit` trains: `student`, `training_step`, `after_backward`, `after_step` and `eval_backbone`."
+    "What `fit` trains: `student`, `training_step` (or `prepare` + `forward_loss`), the hooks and `eval_backbone`."
     config_cls = NoConfig  # the dataclass of the method's settings (`--set KEY=VALUE` fills it)
+    compiled_loss = None   # `compile_step` puts the compiled `forward_loss` here
 
     def __init__(self, backbone, img_size, channels, mean, std, cfg=None):
         super().__init__()
@@ -39,8 +41,20 @@ class Method(nn.Module):
         self.student = backbone  # a subclass replaces it with the backbone and its heads
 
     def training_step(self, x, g, step, total_steps, log=False):
-        "Loss of the uint8 batch `x` (augmented with generator `g`) and a dict of logs."
-        raise NotImplementedError(f"{type(self).__name__} must define training_step")
+        "Loss of the uint8 batch `x` (augmented with generator `g`) and a dict of logs: `prepare`, `forward_loss`."
+        inputs, logs = self.prepare(x, g, step, total_steps)
+        # log steps read values back (`.item()`), which would break a graph: they run eagerly
+        fwd = self.forward_loss if log or self.compiled_loss is None else self.compiled_loss
+        loss, more = fwd(*inputs, log=log)
+        return loss, logs | more
+
+    def prepare(self, x, g, step, total_steps):
+        "A step's random draws (here the views `self.augment` makes) and schedule values; and their logs."
+        return (self.augment(x, g),), {}
+
+    def forward_loss(self, *inputs, log=False):
+        "The step's tensor work on `prepare`'s inputs: (loss, logs)."
+        raise NotImplementedError(f"{type(self).__name__} must define training_step, or prepare and forward_loss")
 
     def after_backward(self, step, total_steps, steps_per_epoch):
         "Called between backward and the optimiser step (e.g. to cancel gradients)."
@@ -71,7 +85,7 @@ class TrainConfig:
     seed: int = 0
     device: str = 'auto'
     amp: str = 'auto'              # autocast precision: auto, bf16, fp16 or off (see `precision`)
-    compile: bool = False          # torch.compile the method's student
+    compile: str = 'auto'          # torch.compile the step (`compile_step`): auto (on CUDA), on or off
     progress: bool = True
 
 # %% ../nbs/11_train.ipynb #6e5e1945
@@ -93,17 +107,6 @@ def lr_wd_at(cfg, step, total_steps):
     lr = cosine_schedule(step, total_steps, base, cfg.min_lr, warmup_steps=warm)
     wd = cosine_schedule(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
     return lr, wd
-
-# several processes (see the DDP section): decisions are taken together, e.g. on the slowest rank's time
-def _world_size(): return dist.get_world_size() if is_distributed() else 1
-def _rank(): return dist.get_rank() if is_distributed() else 0
-def is_main_process(): return not is_distributed() or dist.get_rank() == 0
-
-def _max_over_ranks(v, dev):
-    "The largest `v` over the ranks (`v` itself in one process)."
-    if not is_distributed(): return v
-    t = torch.tensor(float(v), device=dev); dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 # %% ../nbs/11_train.ipynb #bad6d1de
 class TrainingDiverged(RuntimeError):
@@ -147,6 +150,24 @@ def train_step(method, opt, x, g, cfg, dev, step, total_steps, steps_per_epoch, 
     logs.update(lr=lr, wd=wd)
     return loss.detach(), logs
 
+# %% ../nbs/11_train.ipynb #2e4cc3b6
+COMPILE_CHOICES = ('auto', 'on', 'off')
+
+def compiles(choice, dev=None):
+    "Whether `choice` ('auto': on CUDA, 'on', 'off'; True/False for 'on'/'off') compiles the step on device `dev`."
+    choice = {True: 'on', False: 'off', None: 'off'}.get(choice, choice)
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"--compile {choice}: choose one of {', '.join(COMPILE_CHOICES)}")
+    return choice == 'on' or (choice == 'auto' and getattr(dev, 'type', 'cpu') == 'cuda')
+
+def compile_step(method, choice='auto', dev=None):
+    "Compile `method`'s `forward_loss` as one graph if `compiles(choice, dev)`; True if it did."
+    if not compiles(choice, dev): return False
+    if type(method).training_step is Method.training_step: method.compiled_loss = torch.compile(method.forward_loss)
+    else:  # in place (nn.Module.compile): state_dict keys, hence checkpoints, stay the same
+        for m in method.student.children(): m.compile()
+    return True
+
 # %% ../nbs/11_train.ipynb #3e10d360
 def _time_steps(method, opt, loader, g, cfg, dev, n=3, ddp=None, scaler=None):
     "Seconds per training step, measured on `n` steps whose effects are then undone."
@@ -176,32 +197,6 @@ def knn_eval(method, memory, queries, k=20, T=0.07, n_memory=None, batch_size=51
     fq = extract_features(bb, queries.x, memory.mean, memory.std, batch_size)
     return knn_accuracy(fm, memory.y[:n], fq, queries.y, k, T, len(memory.classes))
 
-# %% ../nbs/11_train.ipynb #8edccf16
-class _StepModule(nn.Module):
-    "A method as DDP sees it: forward is the training step, so DDP all-reduces the student's gradients in backward."
-    def __init__(self, method): super().__init__(); self.method = method
-    def forward(self, *args, **kw): return self.method.training_step(*args, **kw)
-
-def ddp_wrap(method, dev):
-    "`method` wrapped in DistributedDataParallel when torch.distributed is initialised, else None."
-    if not is_distributed(): return None
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    for b in method.buffers(): dist.broadcast(b, 0)  # DDP broadcasts the parameters; buffers start from rank 0's too
-    # after that the methods keep their buffers (centers, queues) in step themselves: no broadcast at every forward
-    sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters else \
-           'broadcast_buffers'
-    # a method whose steps may leave a parameter unused says so (DDP then searches the graph every step)
-    return DDP(_StepModule(method), device_ids=[dev.index] if dev.type == 'cuda' else None,
-               find_unused_parameters=getattr(method, 'find_unused_parameters', False), **{sync: False})
-
-def init_distributed():
-    "Join torchrun's process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; returns (rank, world_size)."
-    ws = int(os.environ.get('WORLD_SIZE', 1))
-    if ws > 1 and not is_distributed():
-        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
 # %% ../nbs/11_train.ipynb #53c5baf6
 # what a resume may change: a run written on a GPU in bf16 can continue on a CPU in fp32
 _NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'amp', 'compile', 'eval_samples', 'log_every')
@@ -217,8 +212,7 @@ class Run:
         method.to(dev)
         torch.manual_seed(cfg.seed)
         self.g = torch.Generator(device=dev).manual_seed(cfg.seed + _rank())  # each rank its own augmentations
-        if cfg.compile:  # in place (nn.Module.compile), so state_dict keys and checkpoints stay the same
-            for m in method.student.children(): m.compile()
+        self.compiled = compile_step(method, cfg.compile, dev)
         trainable = any(p.requires_grad for p in method.student.parameters())
         # nothing to train (the random baseline): no loader, so any dataset size will do
         self.loader = DeviceLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,

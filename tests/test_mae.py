@@ -125,7 +125,7 @@ def test_method_loss_ignores_visible_target_pixels():
     m = MAE(tiny_vit(), 16, 1, MEAN, STD, MAEConfig(augment='none', decoder_dim=32, decoder_heads=2)).double()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     v = m.augment(x, torch.Generator())
-    loss, pred, mask = m.forward_loss(v, torch.Generator().manual_seed(2))
+    loss, pred, mask = m.masked_loss(v, torch.Generator().manual_seed(2))
     t = patchify(v, 4); t[~mask] = 7.
     assert mae_loss(pred, t, mask).item() == pytest.approx(loss.item(), rel=1e-12)
 
@@ -209,7 +209,7 @@ def test_training_step_logs_signals_and_fp32_under_autocast():
     # the yardstick: the same batch and masks with a decoder that predicts 0 (the view is drawn first, then the mask)
     g = torch.Generator().manual_seed(0)
     v = m.augment(x, g)
-    _, pred, mask = m.forward_loss(v, g)
+    _, pred, mask = m.masked_loss(v, g)
     assert logs['loss_predict_zero'] == pytest.approx(mae_loss(torch.zeros_like(pred), patchify(v, 4), mask).item(),
                                                       rel=1e-6)
     assert logs['effective_rank'] > 1.5 and logs['feature_std'] > 1e-4

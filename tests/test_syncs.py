@@ -5,23 +5,16 @@ Counted on the CPU with `HostSyncs` (a `TorchDispatchMode`): reading a value bac
 copy on a GPU). The optimiser's own step is left out: AdamW keeps its step counters on the host by design."""
 import pytest, torch
 from torch.utils._python_dispatch import _disable_current_modes
-from sslkd.data import ImageData, FASHION_MEAN, FASHION_STD
 from sslkd.masking import HostSyncs
-from sslkd.registry import METHODS, build_method, describe, dataset_defaults
+from step_syncs import default_method
+from sslkd.registry import METHODS
 from sslkd.train import TrainConfig, train_step, param_groups
 
 CPU = torch.device('cpu')
 
 
 def _setup(name, batch=16):
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8)
-    data = ImageData(x, torch.zeros(batch, dtype=torch.long), ['x'], FASHION_MEAN, FASHION_STD)
-    d = dataset_defaults('fashion_mnist', name)
-    arch = 'vit_nano' if d.arch.startswith('vit') else d.arch
-    cfg = METHODS[name].make_config(**({'teacher_arch': 'small_cnn'} if name == 'kassl' else {}), **d.config)
-    method = build_method(describe(name, arch, 7 if arch.startswith('vit') else None, data, cfg,
-                                   dataset='fashion_mnist'))
+    method, x = default_method(name, batch)
     opt = torch.optim.AdamW(param_groups(method.student), lr=1e-3)
     step = opt.step
     def host_step(*a, **k):  # AdamW's step counters live on the host: its own `.item()`s are not the step's
