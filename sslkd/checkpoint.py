@@ -4,27 +4,43 @@
 
 # %% ../nbs/11a_checkpoint.ipynb #aa2df565
 from __future__ import annotations
-import json, os, tempfile
+import errno, json, os, shutil, tempfile
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state', 'set_rng_state', 'snapshot',
-           'restore', 'signature_diff', 'config_signature', 'check_signature']
+__all__ = ['CHECKPOINT_FORMAT', 'NoSpaceLeft', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'snapshot', 'restore', 'signature_diff', 'config_signature', 'resume_may_change',
+           'check_signature']
 
 # %% ../nbs/11a_checkpoint.ipynb #0c08ac1b
 CHECKPOINT_FORMAT = 'sslkd-checkpoint-1'
 
+class NoSpaceLeft(OSError):
+    "The disk filled up while a checkpoint was written; the previous checkpoint is intact."
+
+def _no_space(e, folder):
+    "Whether the write failure `e` is a full disk (torch's zip writer reports one as an 'unexpected pos')."
+    return getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or (
+        'unexpected pos' in str(e) and shutil.disk_usage(folder).free < 256 * 2**20)
+
 def save_checkpoint(obj, path):
-    "`torch.save` to a temporary file, fsync, then rename over `path` (atomic)."
+    "`torch.save` to a temporary file, fsync, then rename over `path` (atomic); a full disk is `NoSpaceLeft`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if not _no_space(e, path.parent): raise
+        kept = 'the last good checkpoint is kept' if path.exists() else 'no checkpoint was written yet'
+        free = shutil.disk_usage(path.parent).free / 2**20
+        full = NoSpaceLeft(f"no space left on the device holding {path.parent} ({free:.0f} MiB free) while writing "
+                           f"a checkpoint; {kept}: free some space (or choose another --out), then --resume")
+        full.errno = errno.ENOSPC
+        raise full from None
 
 # %% ../nbs/11a_checkpoint.ipynb #b679847a
 class CheckpointError(RuntimeError):
@@ -86,8 +102,17 @@ def config_signature(settings, meta, ignore=(), world_size=1):
     if world_size > 1: keep['world_size'] = world_size
     return json.loads(json.dumps({'train': keep, 'meta': meta or {}}))
 
-def check_signature(saved, now, path):
-    "Raise `CheckpointError` when the checkpoint at `path` was written with settings other than `now`."
+def resume_may_change(key):
+    "What a resume may change on purpose (the cures a NaN message names): learning rate, clipping, temperatures."
+    name = key.rsplit('.', 1)[-1]
+    return key in ('train.lr', 'train.min_lr', 'train.clip_grad') or (
+        key.startswith('meta.method_config.') and 'temp' in name and not name.endswith(('frac', 'epochs')))
+
+def check_signature(saved, now, path, adjustable=lambda key: False):
+    "Raise `CheckpointError` if `now` differs from `saved` where `adjustable(key)` is False; return the other changes."
     diffs = signature_diff(saved, now)
-    if diffs: raise CheckpointError(f"{path} was written by another configuration:\n  " + "\n  ".join(diffs) +
-                                    "\nResume with the same settings, or use another --out folder.")
+    changed = [d for d in diffs if adjustable(d.split(':')[0])]
+    bad = [d for d in diffs if d not in changed]
+    if bad: raise CheckpointError(f"{path} was written by another configuration:\n  " + "\n  ".join(bad) +
+                                  "\nResume with the same settings, or start again with --overwrite or another --out.")
+    return changed

@@ -9,6 +9,8 @@ import torch.distributed as dist
 from .data import DataError
 from .train import CheckpointError, TrainingDiverged, AMP_CHOICES, OutOfDeviceMemory, COMPILE_CHOICES
 from .device import init_distributed
+from .guard import Interrupted
+from .checkpoint import NoSpaceLeft
 from .registry import ARCHS, METHODS, method_spec, parse_overrides
 from .runner import PRESETS, run, evaluate_checkpoint, compare
 from .plan import plan
@@ -36,7 +38,11 @@ def _train_parser(sub):
     a('--seed', type=int, default=0, help='random seed (weights, augmentation, data order); default 0')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--out', default=None, help='output folder (default: runs/DATA-METHOD-ARCH-sSEED)')
-    a('--resume', action='store_true', help='continue from OUT/checkpoint.pt')
+    a('--resume', action='store_true', help='continue from OUT/checkpoint.pt (a run in OUT is never replaced without '
+                                            '--resume or --overwrite)')
+    a('--overwrite', action='store_true', help="start again in OUT, deleting the run that is there")
+    a('--checkpoint-every', type=float, default=5., metavar='MINUTES',
+      help='minutes between checkpoints inside an epoch (0: at epoch ends only); default 5')
     a('--val-split', type=float, default=0.0, help='hold out this fraction of the training set; periodic and final '
       'evaluation then score it instead of the test split (use it to tune); default 0: train on all of it, evaluate '
       'on the test split')
@@ -59,6 +65,8 @@ def _train_parser(sub):
                                              'an epoch takes at --tflops, then stop (see the plan chapter)')
     a('--tflops', type=float, default=60., help='sustained TFLOP/s assumed by --dry-run for the time per epoch')
     a('--no-progress', action='store_true', help='no progress bars')
+    a('--dist-timeout', type=float, default=10., metavar='MINUTES', help='under torchrun: how long a process waits '
+      'for the others before the job stops with an error (a dead or stalled process); default 10')
 
 # %% ../nbs/19b_cli.ipynb #d3848453
 def _eval_parser(sub):
@@ -90,9 +98,13 @@ def _compare_options(p):
     a('--no-linear', action='store_true', help='skip the linear probes')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision of every run: auto, bf16, fp16 or off')
+    a('--checkpoint-every', type=float, default=5., metavar='MINUTES', help='minutes between checkpoints inside an '
+                                                                         'epoch (0: at epoch ends only); default 5')
     a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile every run's step: auto (on a GPU), "
                                                                  "on or off")
     a('--no-progress', action='store_true', help='no progress bars')
+    a('--dist-timeout', type=float, default=10., metavar='MINUTES', help='under torchrun: how long a process waits '
+      'for the others before the job stops with an error (a dead or stalled process); default 10')
 
 # %% ../nbs/19b_cli.ipynb #5494a33f
 def _compare_parser(sub):
@@ -131,7 +143,8 @@ def train_command(a):
     return run(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, minutes=a.minutes, epochs=a.epochs,
                out=a.out, seed=a.seed, device=a.device, batch_size=a.batch_size, lr=a.lr, data_dir=a.data_dir,
                val_split=a.val_split, eval_every=a.eval_every, linear=not a.no_linear, teacher=a.teacher,
-               stages=a.stages, compile=a.compile, amp=a.amp, resume=a.resume, progress=not a.no_progress, **settings)
+               stages=a.stages, compile=a.compile, amp=a.amp, resume=a.resume, overwrite=a.overwrite,
+               checkpoint_every=a.checkpoint_every, progress=not a.no_progress, **settings)
 
 def eval_command(a):
     "`sslkd eval`: `evaluate_checkpoint`; returns the results row."
@@ -140,7 +153,8 @@ def eval_command(a):
 
 def _common(a):
     return dict(arch=a.arch, batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, val_split=a.val_split,
-                linear=not a.no_linear, progress=not a.no_progress, amp=a.amp, compile=a.compile)
+                linear=not a.no_linear, progress=not a.no_progress, amp=a.amp, compile=a.compile,
+                checkpoint_every=a.checkpoint_every)
 
 def compare_command(a):
     "`sslkd compare`: `compare` with the options; returns the results rows."
@@ -158,18 +172,25 @@ COMMANDS = {'train': train_command, 'eval': eval_command, 'compare': compare_com
 def main(argv=None) -> int:
     "Entry point of the `sslkd` console script (and of `torchrun ... -m sslkd`): 0 on success, 2 on a user error."
     a = parser().parse_args(argv)
-    rank, world = init_distributed()  # (0, 1) unless started by torchrun with several processes
+    rank, world = init_distributed(getattr(a, 'dist_timeout', 10.))  # (0, 1) unless started by torchrun
     try:
         with contextlib.redirect_stdout(open(os.devnull, 'w')) if rank else contextlib.nullcontext(), \
                 warnings.catch_warnings():  # a warning is one line, not a file name and a line number
             warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
         return 0
-    except (ValueError, DataError, CheckpointError, TrainingDiverged, OutOfDeviceMemory) as e:
+    except (ValueError, DataError, CheckpointError, TrainingDiverged, OutOfDeviceMemory, NoSpaceLeft) as e:
         print(f"sslkd {a.command}: error: {e}", file=sys.stderr); return 2
-    except KeyboardInterrupt:
-        print(f"\nsslkd {a.command}: interrupted; the last checkpoint written is kept (continue with --resume)",
-              file=sys.stderr)
+    except dist.DistError as e:  # under torchrun: another process died or stalled past --dist-timeout
+        wait = getattr(a, 'dist_timeout', 10.)
+        print(f"sslkd {a.command}: error: rank {rank} of {world}: the other processes did not answer within "
+              f"--dist-timeout {wait:g} minutes ({type(e).__name__}); the last checkpoint is kept: run the job "
+              "again with --resume", file=sys.stderr); return 2
+    except Interrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was written at the step boundary
+        print(f"\nsslkd {a.command}: {e}", file=sys.stderr); return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print(f"\nsslkd {a.command}: interrupted at once: work since the last checkpoint (if one was written) is "
+              "lost; continue from it with --resume", file=sys.stderr)
         return 130
     finally:
         if world > 1: dist.destroy_process_group()

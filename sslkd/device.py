@@ -8,7 +8,7 @@ __all__ = ['AMP_CHOICES', 'fp32', 'is_distributed', 'resolve_device', 'cpu_has_b
 
 # %% ../nbs/07a_device.ipynb #71bf7ca0
 # the device, its precision and the process group: what every module may ask, so it sits below them all
-import functools, inspect, os, warnings
+import datetime, functools, inspect, os, warnings
 from pathlib import Path
 import torch, torch.nn as nn
 import torch.distributed as dist
@@ -109,10 +109,12 @@ def ddp_wrap(method, dev):
     return DDP(_StepModule(method), device_ids=[dev.index] if dev.type == 'cuda' else None,
                find_unused_parameters=getattr(method, 'find_unused_parameters', False), **{sync: False})
 
-def init_distributed():
+def init_distributed(timeout_minutes=10.):
     "Join torchrun's process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; returns (rank, world_size)."
     ws = int(os.environ.get('WORLD_SIZE', 1))
     if ws > 1 and not is_distributed():
         if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        # a rank that died or stalled fails the others' next collective after this long, instead of never
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)

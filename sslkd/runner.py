@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from .data import ImageData, load_dataset
 from .evaluate import evaluate_backbone
 from .train import Method, TrainConfig, fit, resolve_device, is_main_process, precision, describe_device, compiles
+from .guard import RunFolderError
 from .registry import (ARCHS, METHODS, register_method, method_spec, source_of, dataset_defaults, describe,
                             build_method, check_settings, load_method, load_teacher)
 from .viz import (read_metrics, plot_loss_curves, plot_knn_curves, plot_collapse_signals, plot_agreement,
@@ -108,24 +109,27 @@ def _announce(name, data, n, val_split, arch, patch, cfg, minutes, stages, out):
                       stacklevel=2)
 
 # %% ../nbs/19a_runner.ipynb #b7066494
-def _train_stages(method, desc, fit_data, eval_data, cfg, out, resume, stages, seed):
+def _train_stages(method, desc, fit_data, eval_data, cfg, out, resume, stages, seed, overwrite=False):
     steps = seconds = 0
+    if stages > 1 and resume and not any((out / f).exists() for f in ('checkpoint.pt', 'stage1/checkpoint.pt')):
+        raise RunFolderError(f"--resume: {out} holds no checkpoint to continue; start a new run without --resume")
     for k in range(1, stages + 1):
         if k > 1:
             torch.manual_seed(seed + k - 1)
             method.next_stage(build_method(desc).student.backbone.to(next(method.parameters()).device))
             print(f"stage {k}/{stages}: teacher frozen ({method.n_frozen} frozen), student re-initialised")
         meta = desc if stages == 1 else {**desc, 'stage': k, 'stages': stages}
-        res = fit(method, fit_data, cfg, eval_data=eval_data, out=out if k == stages else out / f'stage{k}',
-                  resume=resume, meta=meta)
+        folder = out if k == stages else out / f'stage{k}'
+        res = fit(method, fit_data, cfg, eval_data=eval_data, out=folder, meta=meta, overwrite=overwrite,
+                  resume=resume and (stages == 1 or (folder / 'checkpoint.pt').exists()))  # a later stage: fresh
         steps, seconds = steps + res['steps'], seconds + res['train_seconds']
     return steps, seconds, res.get('steps_per_epoch', 1)
 
 # %% ../nbs/19a_runner.ipynb #1bac7e04
 def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, epochs=None, out=None, seed=0,
         device='auto', evaluate=True, batch_size=None, lr=None, data_dir=None, val_split=0., eval_every=1.,
-        linear=True, teacher=None, stages=1, compile='auto', amp='auto', resume=False, progress=True,
-        **settings) -> RunResult:
+        linear=True, teacher=None, stages=1, compile='auto', amp='auto', resume=False, overwrite=False,
+        checkpoint_every=5., progress=True, **settings) -> RunResult:
     "Train `method` on `data` with the dataset's defaults and the method's `settings`; evaluate it; save it in `out`."
     name = _method_name(method); spec = method_spec(name)
     d = dataset_defaults(data, name)
@@ -134,7 +138,7 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
     if arch not in ARCHS: raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     settings = {**d.config, **check_settings(settings, spec.config)}
     cfg = _train_config(d, epochs, batch_size, lr, minutes, stages, eval_every=eval_every, seed=seed, device=device,
-                        compile=compile, amp=amp, progress=progress)
+                        compile=compile, amp=amp, progress=progress, checkpoint_every=checkpoint_every)
     _check_stages(spec, name, stages)
     if teacher and not spec.needs_teacher: raise ValueError(f"--teacher is for kassl; {name} trains its own teacher")
     train, test = load_dataset(data, 'train', data_dir), load_dataset(data, 'test', data_dir)
@@ -146,7 +150,7 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
     m = build_method(desc, teacher_bb)
     out = Path(out or f"runs/{_slug(data)}-{_slug(name)}-{arch}-s{seed}")
     _announce(name, data, len(fit_data), val_split, arch, patch, cfg, minutes, stages, out)
-    steps, seconds, per_epoch = _train_stages(m, desc, fit_data, eval_data, cfg, out, resume, stages, seed)
+    steps, seconds, per_epoch = _train_stages(m, desc, fit_data, eval_data, cfg, out, resume, stages, seed, overwrite)
     row = _row(desc, seed, round(steps / max(per_epoch, 1), 2), seconds, {})
     if not evaluate or not is_main_process(): return RunResult(m, None, out, row)  # rank 0 evaluates and writes
     # a tuning run (val_split) is scored on its validation split: the test split is never seen while tuning

@@ -18,12 +18,14 @@ from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, loa
 from .device import (fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device,
                           OutOfDeviceMemory, oom_message, _world_size, _rank, is_main_process, _max_over_ranks,
                           ddp_wrap, init_distributed)
-from .checkpoint import rng_state, set_rng_state, snapshot, restore, config_signature, check_signature
+from .checkpoint import (rng_state, set_rng_state, snapshot, restore, config_signature, check_signature,
+                              resume_may_change)
+from .guard import (TrainingDiverged, first_nonfinite, check_finite, claim_folder, StopSignals, stop_error,
+                         cut_log, rank_states)
 
 # %% auto #0
 __all__ = ['COMPILE_CHOICES', 'REPLAN_AT', 'SIGNAL_KEYS', 'NoConfig', 'Method', 'TrainConfig', 'param_groups', 'lr_wd_at',
-           'TrainingDiverged', 'first_nonfinite', 'check_finite', 'train_step', 'compiles', 'compile_step',
-           'replan_steps', 'knn_eval', 'Run', 'fit']
+           'train_step', 'compiles', 'compile_step', 'replan_steps', 'knn_eval', 'Run', 'fit']
 
 # %% ../nbs/11_train.ipynb #182fcc25
 @dataclass
@@ -82,6 +84,7 @@ class TrainConfig:
     eval_every: float = 1.         # kNN every this many epochs, fractions allowed (0: only at the end)
     eval_samples: int = 10000      # train samples used as the kNN memory for the periodic evaluation
     log_every: int = 20            # steps between logged collapse signals
+    checkpoint_every: float = 5.   # minutes between checkpoints inside an epoch (0: at epoch ends only)
     seed: int = 0
     device: str = 'auto'
     amp: str = 'auto'              # autocast precision: auto, bf16, fp16 or off (see `precision`)
@@ -109,27 +112,6 @@ def lr_wd_at(cfg, step, total_steps):
     return lr, wd
 
 # %% ../nbs/11_train.ipynb #bad6d1de
-class TrainingDiverged(RuntimeError):
-    "The loss became NaN or infinite."
-
-def first_nonfinite(loss, step, first=None):
-    "The first step whose loss was not finite, as a device tensor (-1: none yet); no host synchronisation."
-    first = torch.full((), -1, dtype=torch.long, device=loss.device) if first is None else first
-    return first.masked_fill((first < 0) & ~torch.isfinite(loss.detach()).all(), step)
-
-def check_finite(first, steps_per_epoch=1, ckpt=None, now=None):
-    "Raise `TrainingDiverged`, naming the step and likely causes, when `first` (see `first_nonfinite`) holds a step."
-    bad = int(first)  # the one read back from the device: on log steps and before a checkpoint only
-    if is_distributed(): bad = int(_max_over_ranks(bad, first.device))  # every rank stops, or the others wait forever
-    if bad < 0: return
-    kept = ckpt and Path(ckpt).exists()
-    where = f"the last good checkpoint is kept at {ckpt}" if kept else "no checkpoint was written yet"
-    stopped = f"training stopped at step {now}" if now is not None else "training stopped"
-    raise TrainingDiverged(
-        f"the loss is not finite at step {bad} (epoch {bad // max(steps_per_epoch, 1)}); {stopped}, {where}. "
-        f"Likely causes: a learning rate too high for this batch size (lower --lr or raise the warm-up), fp16 overflow "
-        f"(use --amp bf16 or off), or a temperature near 0. Start again with the setting changed (a new --out).")
-
 def train_step(method, opt, x, g, cfg, dev, step, total_steps, steps_per_epoch, log=False, ddp=None, scaler=None):
     "One optimisation step of `method` on uint8 batch `x`; returns the loss (a tensor: reading it syncs) and logs."
     lr, wd = lr_wd_at(cfg, step, total_steps)
@@ -199,7 +181,8 @@ def knn_eval(method, memory, queries, k=20, T=0.07, n_memory=None, batch_size=51
 
 # %% ../nbs/11_train.ipynb #53c5baf6
 # what a resume may change: a run written on a GPU in bf16 can continue on a CPU in fp32
-_NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'amp', 'compile', 'eval_samples', 'log_every')
+_NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'amp', 'compile', 'eval_samples', 'log_every',
+               'checkpoint_every')
 def _config_signature(cfg, meta): return config_signature(asdict(cfg), meta, _NOT_SIGNED, _world_size())
 
 class Run:
@@ -224,6 +207,7 @@ class Run:
         self.step, self.total_steps, self.train_seconds, self.history = 0, max(1, round(cfg.epochs * self.spe)), 0., []
         self.start_epoch, self.replan_at, self.spent = 0, [], 0.  # spent: the slowest rank's training time
         self.log_file = self.mb = self.last_warning = self.first_bad = None  # first_bad: see `first_nonfinite`
+        self.stop, self.last_save = StopSignals(), time.perf_counter()  # stop: `fit` makes it listen to signals
 
     @property
     def trainable(self): return bool(self.loader)
@@ -240,13 +224,20 @@ class Run:
 def _resume(r):
     "Continue `r` from its checkpoint: weights, optimiser, random states and counters."
     ck = load_checkpoint(r.ckpt_path)  # onto the CPU, whatever device wrote it: load_state_dict moves what must move
-    check_signature(ck['signature'], r.sig, r.ckpt_path)
+    changed = check_signature(ck['signature'], r.sig, r.ckpt_path, resume_may_change)
     r.method.load_state_dict(ck['method']); r.opt.load_state_dict(ck['optimizer'])
     if r.scaler and 'scaler' in ck: r.scaler.load_state_dict(ck['scaler'])
-    set_rng_state(r.g, ck['rng'])
-    if _rank(): r.g.manual_seed(r.cfg.seed + _rank() + 1000 * ck['step'])
+    own = (ck.get('ranks') or [None] * (_rank() + 1))[_rank()]  # under torchrun, this rank's own states
+    set_rng_state(r.g, own['rng'] if own else ck['rng'])
+    if own:
+        buffers = dict(r.method.named_buffers())
+        for n, b in own['buffers'].items(): buffers[n].copy_(b)
+    elif _rank(): r.g.manual_seed(r.cfg.seed + _rank() + 1000 * ck['step'])  # a checkpoint without them
     planned = r.total_steps
     for k in ('step', 'total_steps', 'train_seconds', 'history'): setattr(r, k, ck[k])
+    if changed:
+        warnings.warn(f"resuming with changed settings (recorded in the history): {'; '.join(changed)}")
+        r.history.append({'event': 'changed', 'step': r.step, 'changes': changed})
     if not r.cfg.minutes and r.total_steps != planned:
         warnings.warn(f"resuming with epochs={r.cfg.epochs}: the schedules now span {planned} steps "
                       f"instead of {r.total_steps}")
@@ -264,9 +255,10 @@ def _plan(r, out, resume):
     r.replan_at = [f * r.budget for f in REPLAN_AT if f * r.budget > r.train_seconds]
     r.spent = r.train_seconds
     if out and is_main_process(): Path(out).mkdir(parents=True, exist_ok=True)
+    if resumed and is_main_process(): cut_log(Path(out) / 'metrics.jsonl', r.step)  # lines past the checkpoint go
     r.log_file = open(Path(out) / 'metrics.jsonl', 'a' if resumed else 'w') if out and is_main_process() else None
-    if not resumed: _log(r, {'event': 'start', 'total_steps': r.total_steps, 'steps_per_epoch': r.spe,
-                             'epochs': r.n_epochs})
+    _log(r, {'event': 'resume' if resumed else 'start', 'step': r.step, 'total_steps': r.total_steps,
+             'steps_per_epoch': r.spe, 'epochs': r.n_epochs})
     return resumed
 
 # %% ../nbs/11_train.ipynb #73120d79
@@ -280,12 +272,24 @@ def _check_finite(r):
 def _write_checkpoint(r):
     "Everything an exact resume needs, written atomically (rank 0 only); never weights that a NaN has reached."
     _check_finite(r)
+    ranks, r.last_save = rank_states(r.method, r.g), time.perf_counter()  # every rank takes part in the gather
     if r.ckpt_path and is_main_process():
         save_checkpoint({'format': CHECKPOINT_FORMAT, 'signature': r.sig, 'meta': r.meta,
                          'method': r.method.state_dict(), 'optimizer': r.opt.state_dict(), 'rng': rng_state(r.g),
                          'step': r.step, 'total_steps': r.total_steps, 'steps_per_epoch': r.spe,
-                         'train_seconds': r.train_seconds, 'history': r.history,
+                         'train_seconds': r.train_seconds, 'history': r.history, 'ranks': ranks,
                          **({'scaler': r.scaler.state_dict()} if r.scaler else {})}, r.ckpt_path)
+
+def _agreed(r, v, logged):
+    "`v` in one process; under DDP the ranks' `v` or-ed on log steps (every rank saves and stops at the same step)."
+    return v if not is_distributed() else logged and bool(_max_over_ranks(float(v), r.dev))
+
+def _save_when_due(r, logged):
+    "A checkpoint every `checkpoint_every` minutes, and on SIGTERM or Ctrl-C, after which the run stops."
+    stop = _agreed(r, r.stop.received is not None, logged)
+    due = 0 < r.cfg.checkpoint_every * 60 <= time.perf_counter() - r.last_save and r.step < r.total_steps
+    if stop or _agreed(r, due, logged): _write_checkpoint(r)
+    if stop: raise stop_error(r.stop.received, r.step, r.total_steps, r.ckpt_path)
 
 SIGNAL_KEYS = {'teacher_entropy', 'feature_std', 'effective_rank'}  # logs that `collapse_warning` reads
 
@@ -346,6 +350,7 @@ def _train_epoch(r, epoch):
             _check_finite(r); _log_step(r, epoch, loss, logs)
             if r.bars(): r.mb.child.comment = f'loss {float(loss):.4f}'
         r.step += 1
+        _save_when_due(r, do_log)
         if r.budget: r.spent = _max_over_ranks(r.train_seconds, r.dev)  # one all-reduce per step under DDP
         _replan(r)
         t_epoch += _eval_mid_epoch(r)
@@ -368,15 +373,21 @@ def _epochs(r):
     e = r.start_epoch
     while e < r.n_epochs: yield e; e += 1
 
-def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=None):
+def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=None, overwrite=False):
     "Train `method` on `data` (ImageData); returns a summary dict. See the notebook for what is written to `out`."
-    r = Run(method, data, cfg or TrainConfig(), eval_data, out, meta)
+    with claim_folder(out, resume, overwrite, is_main_process()):
+        r = Run(method, data, cfg or TrainConfig(), eval_data, out, meta)
+        with r.stop: return _fit(r, out, resume)
+
+def _fit(r, out, resume):
     try:
         _plan(r, out, resume)
         r.mb = master_bar(_epochs(r), total=r.n_epochs - r.start_epoch) if r.bars() else _epochs(r)
-        method.train()
+        r.method.train()
         for epoch in r.mb:
             if _end_epoch(r, _train_epoch(r, epoch)): break
+            if _agreed(r, r.stop.received is not None, True):  # the epoch's checkpoint is written
+                raise stop_error(r.stop.received, r.step, r.total_steps, r.ckpt_path)
         if not r.n_epochs: _write_checkpoint(r)  # nothing to train: the checkpoint holds the untrained method
     except torch.cuda.OutOfMemoryError:  # a traceback from the allocator says less than the batch size that failed
         raise OutOfDeviceMemory(oom_message(r.dev, r.cfg.batch_size, r.ckpt_path)) from None

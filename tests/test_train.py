@@ -1,6 +1,7 @@
 import json, math, types, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import sslkd.train
+from sslkd.guard import RunFolderError
 from sslkd.data import ImageData
 from sslkd.augment import normalize
 from sslkd.teacher import make_teacher, ema_update
@@ -153,8 +154,8 @@ def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 def test_resume_refuses_other_configuration(tmp_path):
     fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, meta={'method': 'toy', 'arch': 'mlp'})
-    with pytest.raises(CheckpointError, match=r'lr: checkpoint 0.01 vs now 0.02'):
-        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'lr': 2e-2}), out=tmp_path, resume=True,
+    with pytest.raises(CheckpointError, match=r'weight_decay: checkpoint 0.04 vs now 0.05'):
+        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'weight_decay': 0.05}), out=tmp_path, resume=True,
             meta={'method': 'toy', 'arch': 'mlp'})
     with pytest.raises(CheckpointError, match=r'meta.arch'):
         fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path, resume=True,
@@ -287,11 +288,12 @@ def test_time_budget_replans_when_the_speed_drifts(tmp_path, monkeypatch, first,
     if later < first: assert res['steps'] > math.ceil(planned / 30) * 30  # epochs were added
 
 
-@pytest.mark.parametrize('resume', [False, True])  # --resume with no checkpoint yet is a fresh start too
-def test_a_fresh_run_starts_a_fresh_log(tmp_path, resume):
-    # a run that stopped before its first checkpoint
+def test_a_fresh_run_starts_a_fresh_log(tmp_path):
+    # a run that stopped before its first checkpoint: nothing to resume (said), and a fresh start replaces its log
     (tmp_path / 'metrics.jsonl').write_text('{"step": 0, "loss": 9.0}\n')
-    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=resume)
+    with pytest.raises(RunFolderError, match='holds no checkpoint.pt to continue'):
+        fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)
+    fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path)
     lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert lines[0]['event'] == 'start' and all(l.get('loss') != 9.0 for l in lines)
     fit(ToyMethod(), toy_data(), TrainConfig(**{**CFG, 'epochs': 1}), out=tmp_path, resume=True)  # a resume appends
