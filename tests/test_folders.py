@@ -1,5 +1,5 @@
-"""Image folders: files of more than 8 bits are scaled (not clipped) to 0..255, 8-bit files read as before, and the
-per-class counts are printed on a first read only."""
+"""Image folders: files of more than 8 bits are scaled (not clipped) to 0..255, 8-bit files read as before, small or
+one-class folders warn, and the per-class counts are printed on a first read only."""
 import warnings
 import numpy as np
 import pytest
@@ -98,6 +98,35 @@ def test_16bit_folder_loads_as_one_scaled_channel(tmp_path):
         d = load_image_folder(tmp_path / 'f', size=4, cache_dir=tmp_path / 'c')
     assert d.x.shape == (20, 1, 4, 4)
     assert d.x[:10, 0, 0, 0].tolist() == [round(1000 * i / 257) for i in range(10)]
+
+
+def test_one_class_folder_warns(tmp_path):
+    make_classes(tmp_path / 'f', {'cat': 30})
+    with pytest.warns(UserWarning, match=r"has one class \(cat, 30 images\).*100%.*own sub-folder") as w:
+        load_image_folder(tmp_path / 'f', size=4, cache_dir=tmp_path / 'c')
+    assert len(w) == 1 and '\n' not in str(w[0].message)
+
+
+def test_few_images_class_warns_naming_class_and_count(tmp_path):
+    make_classes(tmp_path / 'f', {'cat': 12, 'dog': 10, 'fox': 7})
+    with pytest.warns(UserWarning, match=r"fewer than 10 images \(fox 7\).*add images to them or remove them") as w:
+        load_image_folder(tmp_path / 'f', size=4, cache_dir=tmp_path / 'c')
+    assert len(w) == 1 and 'dog' not in str(w[0].message)
+    many = {f'c{i}': 3 for i in range(8)}
+    make_classes(tmp_path / 'g', many)
+    with pytest.warns(UserWarning, match=r"\(c0 3, c1 3, c2 3, c3 3, c4 3 and 3 more\)"):
+        load_image_folder(tmp_path / 'g', size=4, cache_dir=tmp_path / 'c')
+
+
+def test_test_split_warns_for_itself_only(tmp_path):
+    make_classes(tmp_path / 'f' / 'train', {'a': 10, 'b': 10})
+    make_classes(tmp_path / 'f' / 'test', {'a': 10, 'b': 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_image_folder(tmp_path / 'f', 'train', size=4, cache_dir=tmp_path / 'c')
+    with pytest.warns(UserWarning, match=r"f/test has classes with fewer than 10 images \(b 2\)") as w:
+        load_image_folder(tmp_path / 'f', 'test', size=4, cache_dir=tmp_path / 'c')
+    assert len(w) == 1
 
 
 def test_counts_printed_on_first_read_not_from_cache(tmp_path, capsys):
