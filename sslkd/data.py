@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #19fab6b0
 from __future__ import annotations
-import hashlib, math, os
+import hashlib, math, os, warnings
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -18,10 +18,10 @@ from .formats import (
     sha256_file, download_url, IDX_DTYPES, read_idx, write_idx, read_cifar_batch, write_cifar_archive, IMAGE_EXTS)
 
 # %% auto #0
-__all__ = ['DEBIAN_FASHION_DIR', 'FASHION_FILES', 'FASHION_MIRRORS', 'FASHION_CLASSES', 'FASHION_MEAN', 'FASHION_STD', 'DATASETS',
-           'ImageData', 'channel_stats', 'default_data_dir', 'search_dirs', 'IdxFile', 'fashion_mirrors',
-           'fashion_file', 'load_fashion_mnist', 'show_images', 'load_cifar', 'load_image_folder', 'load_dataset',
-           'DeviceLoader']
+__all__ = ['DEBIAN_FASHION_DIR', 'FASHION_FILES', 'FASHION_MIRRORS', 'FASHION_CLASSES', 'FASHION_MEAN', 'FASHION_STD',
+           'FEW_IMAGES', 'DATASETS', 'ImageData', 'channel_stats', 'default_data_dir', 'search_dirs', 'IdxFile',
+           'fashion_mirrors', 'fashion_file', 'load_fashion_mnist', 'show_images', 'load_cifar', 'load_image_folder',
+           'load_dataset', 'DeviceLoader']
 
 # %% ../nbs/00_data.ipynb #9abf1258
 @dataclass
@@ -212,6 +212,22 @@ def load_cifar(name='cifar10', split='train', data_dir=None, download=True):
     x, y, classes = read_cifar_split(_cifar_folder(spec, data_dir, download), spec, split)
     return ImageData(x, y, classes, spec.mean, spec.std)
 
+# %% ../nbs/00_data.ipynb #64311fcf
+FEW_IMAGES = 10
+
+def _warn_small_classes(root, classes, y, few=FEW_IMAGES):
+    "Warn, in one line, when the split at `root` has one class or classes with fewer than `few` images."
+    n = torch.bincount(y, minlength=len(classes)).tolist()
+    small = [f'{c} {k}' for c, k in zip(classes, n) if k < few]
+    if len(classes) == 1:
+        warnings.warn(f"image folder {root} has one class ({classes[0]}, {n[0]} images), so kNN and linear-probe "
+                      f"accuracy is 100% whatever the model learns; put each class in its own sub-folder, "
+                      f"{root}/<class>/")
+    elif small:
+        more = f" and {len(small) - 5} more" if len(small) > 5 else ''
+        warnings.warn(f"image folder {root} has classes with fewer than {few} images ({', '.join(small[:5])}{more}), "
+                      f"so their kNN and linear-probe accuracies mean little; add images to them or remove them")
+
 # %% ../nbs/00_data.ipynb #10a33983
 def _split_dir(base, split):
     "PATH/<split> if it exists; PATH itself for 'train'; otherwise a clear error."
@@ -232,6 +248,7 @@ def load_image_folder(path, split='train', size=32, mode=None, cache_dir=None):
         x, y, classes = read_image_folder(root, size, mode or ('L' if tx.shape[1] == 1 else 'RGB'), cache_dir)
         if classes != tclasses: raise DataError(f"{root} has classes {classes} but {base / 'train'} has {tclasses}")
     else: tx = None; x, y, classes = read_image_folder(root, size, mode, cache_dir)
+    _warn_small_classes(root, classes, y)
     mean, std = channel_stats(x if tx is None else tx)
     return ImageData(x, y, classes, mean, std)
 

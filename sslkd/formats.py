@@ -281,7 +281,7 @@ def write_cifar_archive(path, train, test, name='cifar10', classes=None):
 
 # %% ../nbs/21_formats.ipynb #6a632e28
 IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
-_GREY_MODES = {'1', 'L', 'LA', 'I', 'I;16', 'F'}
+_GREY_MODES = {'1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'}
 
 def _folder_files(root):
     "Class names (sorted sub-folders) and a sorted list of (image path, class index)."
@@ -292,6 +292,27 @@ def _folder_files(root):
     if not files: raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) under {root}/<class>/")
     return classes, files
 
+# %% ../nbs/21_formats.ipynb #f032a896
+def _is_16bit(im):
+    "Does `im` hold unsigned 16-bit samples? Modes I;16*, and mode I decoded from 16-bit PNG, PGM or TIFF storage."
+    if im.mode.startswith('I;16'): return True
+    if im.mode != 'I': return False
+    args = im.tile[0][3] if im.tile else None  # the stored (raw) mode: only known until the pixels are decoded
+    raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ''
+    return im.format in ('PNG', 'PPM') or (str(raw).startswith('I;16') and not str(raw).endswith('S'))
+
+def _to_8bit(im, bits16):
+    "A 16-bit, 32-bit or float grey image as mode L, scaled (not clipped): 16-bit by 1/257, others by min..max."
+    from PIL import Image
+    a = np.asarray(im, dtype=np.float64)
+    if bits16: a = a / 257
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0., 0.)
+        a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) * (255 / (hi - lo)) if hi > lo else np.zeros(a.shape)
+    return Image.fromarray(np.round(a).clip(0, 255).astype(np.uint8))
+
+# %% ../nbs/21_formats.ipynb #e34e7f15
 def _read_image(path, size, mode):
     "One image as uint8 (C,H,W), converted to `mode`, centre-cropped to the target aspect, resized; and was it grey?"
     from PIL import Image
@@ -299,6 +320,7 @@ def _read_image(path, size, mode):
     try:
         with Image.open(path) as im:
             grey = im.mode in _GREY_MODES
+            if im.mode in ('I', 'F') or im.mode.startswith('I;16'): im = _to_8bit(im, _is_16bit(im))
             im = im.convert(mode or 'RGB')
             W, H = im.size
             cw, ch = (round(H * w / h), H) if W * h > H * w else (W, round(W * h / w))
@@ -310,12 +332,21 @@ def _read_image(path, size, mode):
     return torch.from_numpy(a.reshape(h, w, -1).copy()).permute(2, 0, 1), grey
 
 # %% ../nbs/21_formats.ipynb #afb1cdfb
+def _counts_line(root, classes, y, show=8):
+    "One line: the images of each class read from `root` (the first `show` classes, then a summary of the rest)."
+    n = torch.bincount(y, minlength=len(classes)).tolist()
+    each = [f'{c} {k}' for c, k in zip(classes, n)][:show]
+    if len(classes) > show: each.append(f'{len(classes) - show} more ({min(n)} to {max(n)} each)')
+    of = f"{len(classes)} class" + ('es' if len(classes) > 1 else '')
+    return f"read {len(y)} images of {of} from {root}: {', '.join(each)}"
+
 def read_image_folder(root, size=32, mode=None, cache_dir=None):
     "(x uint8 (N,C,H,W), y int64, classes) of ROOT/<class>/<images>; cached in `cache_dir` until the folder changes."
     root = Path(root)
     classes, files = _folder_files(root)
     listing = [(str(p.relative_to(root)), p.stat().st_mtime_ns, p.stat().st_size, i) for p, i in files]
-    key = hashlib.sha256(json.dumps([1, size, mode, classes, listing]).encode()).hexdigest()
+    # 2: images of more than 8 bits are scaled since this version; a cache of version 1 holds them clipped
+    key = hashlib.sha256(json.dumps([2, size, mode, classes, listing]).encode()).hexdigest()
     name = hashlib.sha256(f'{root.resolve()}|{size}|{mode}'.encode()).hexdigest()[:20] + '.pt'
     cache = Path(cache_dir).expanduser() / name if cache_dir else None
     if cache and cache.is_file():
@@ -327,6 +358,7 @@ def read_image_folder(root, size=32, mode=None, cache_dir=None):
     x = torch.stack(imgs)
     if mode is None and all(greys): x = x[:, :1].contiguous()  # grey files were expanded to 3 equal channels
     y = torch.tensor([i for _, i in files], dtype=torch.int64)
+    print(_counts_line(root, classes, y))
     if cache:
         try:
             b = io.BytesIO(); torch.save({'key': key, 'x': x, 'y': y, 'classes': classes}, b)
