@@ -4,19 +4,40 @@
 
 # %% ../nbs/19b_cli.ipynb #821db550
 from __future__ import annotations
-import argparse, contextlib, os, sys, warnings
+import argparse, contextlib, errno, os, re, sys, warnings
+from pathlib import Path
 import torch.distributed as dist
 from .data import DataError
 from .train import CheckpointError, TrainingDiverged, AMP_CHOICES, OutOfDeviceMemory, COMPILE_CHOICES
 from .device import init_distributed
 from .guard import Interrupted
 from .checkpoint import NoSpaceLeft
-from .registry import ARCHS, METHODS, method_spec, parse_overrides
+from .registry import ARCHS, METHODS, method_spec, parse_overrides, check_number
 from .runner import PRESETS, run, evaluate_checkpoint, compare
 from .plan import plan
 
 # %% auto #0
-__all__ = ['COMMANDS', 'parser', 'train_command', 'eval_command', 'compare_command', 'demo_command', 'main']
+__all__ = ['positive_int', 'positive_float', 'nonneg_float', 'fraction', 'COMMANDS', 'parser', 'train_command', 'eval_command',
+           'compare_command', 'demo_command', 'main']
+
+# %% ../nbs/19b_cli.ipynb #70fb300d
+def _number_type(kind):
+    "An argparse type: the text as the registry's option kind `kind` wants it, or the error saying what it must be."
+    def parse(text):
+        try: return check_number(text, kind)
+        except ValueError as e: raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    parse.__name__ = kind  # argparse names the type in some of its messages
+    return parse
+
+positive_int, positive_float, nonneg_float, fraction = map(_number_type, ('positive_int', 'positive_float',
+                                                                          'nonneg_float', 'fraction'))
+
+class _Parser(argparse.ArgumentParser):
+    "argparse with errors on one line (the subcommands' parsers are of this class too)."
+    def error(self, message):
+        m = re.fullmatch(r"argument (\S+?): (.*): (must be .*)", message, re.S)  # a number of the wrong kind
+        line = f"{m[1]} {m[2]}: {m[3]}" if m else f"{message.removeprefix('argument ')}; see {self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {line}\n")
 
 # %% ../nbs/19b_cli.ipynb #1400973c
 def _train_parser(sub):
@@ -29,44 +50,47 @@ def _train_parser(sub):
     a('--data-dir', default=None, help='where dataset files are looked for and stored (default: $SSLKD_DATA, the '
                                        'system folders, ~/.cache/sslkd)')
     a('--arch', default=None, help=f"backbone, one of: {', '.join(ARCHS)} (default: per dataset)")
-    a('--patch', type=int, default=None, help='ViT patch size (default: per dataset; 4 for 28 and 32 px)')
-    a('--epochs', type=float, default=None, help='epochs to train, fractions allowed (default: per dataset; '
-                                                 'ignored with --minutes)')
-    a('--minutes', type=float, default=None, help='training-time budget: schedules stretch over the steps that fit')
-    a('--batch-size', type=int, default=None, help='batch size (default: per dataset)')
-    a('--lr', type=float, default=None, help='learning rate for a batch of 256, scaled linearly (default: per dataset)')
+    a('--patch', type=positive_int, default=None, help='ViT patch size (default: per dataset; 4 for 28 and 32 px)')
+    a('--epochs', type=positive_float, default=None, help='epochs to train, fractions allowed (default: per dataset; '
+                                                          'ignored with --minutes)')
+    a('--minutes', type=positive_float, default=None, help='training-time budget: schedules stretch over the steps '
+                                                             'that fit')
+    a('--batch-size', type=positive_int, default=None, help='batch size (default: per dataset)')
+    a('--lr', type=positive_float, default=None, help='learning rate for a batch of 256, scaled linearly (default: '
+                                                        'per dataset)')
     a('--seed', type=int, default=0, help='random seed (weights, augmentation, data order); default 0')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--out', default=None, help='output folder (default: runs/DATA-METHOD-ARCH-sSEED)')
     a('--resume', action='store_true', help='continue from OUT/checkpoint.pt (a run in OUT is never replaced without '
                                             '--resume or --overwrite)')
     a('--overwrite', action='store_true', help="start again in OUT, deleting the run that is there")
-    a('--checkpoint-every', type=float, default=5., metavar='MINUTES',
+    a('--checkpoint-every', type=nonneg_float, default=5., metavar='MINUTES',
       help='minutes between checkpoints inside an epoch (0: at epoch ends only); default 5')
-    a('--val-split', type=float, default=0.0, help='hold out this fraction of the training set; periodic and final '
+    a('--val-split', type=fraction, default=0.0, help='hold out this fraction of the training set; periodic and final '
       'evaluation then score it instead of the test split (use it to tune); default 0: train on all of it, evaluate '
       'on the test split')
-    a('--eval-every', type=float, default=1, help='kNN evaluation every N epochs, fractions allowed, e.g. 0.25 '
-                                                  '(0: only at the end); default 1')
+    a('--eval-every', type=nonneg_float, default=1, help='kNN evaluation every N epochs, fractions allowed, e.g. '
+                                                         '0.25 (0: only at the end); default 1')
     a('--no-linear', action='store_true', help='skip the linear probe in the final evaluation')
     a('--set', action='append', default=[], metavar='KEY=VALUE',
       help="override a setting of the method's config, e.g. --set n_local=2 --set out_dim=256 (repeatable)")
     a('--teacher', default=None, help='kassl: the checkpoint.pt (of any sslkd method and backbone) whose backbone is '
                                       'distilled')
     a('--student-arch', default=None, help='kassl: the student backbone (same as --arch; default: per dataset)')
-    a('--stages', type=int, default=1, help='multi-stage self-distillation (multi_teacher): split the budget over this '
-      'many stages; after each, the teacher is frozen as an extra teacher and the student restarts from fresh weights '
-      '(stage k in OUT/stageK, the last in OUT); default 1')
+    a('--stages', type=positive_int, default=1, help='multi-stage self-distillation (multi_teacher): split the budget '
+      'over this many stages; after each, the teacher is frozen as an extra teacher and the student restarts from '
+      'fresh weights (stage k in OUT/stageK, the last in OUT); default 1')
     a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile the step's tensor work: auto (on a "
                                                                  "GPU; on a CPU it did not pay), on or off")
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision: auto (bf16 on GPUs that have it, else '
                                                           'fp16; fp32 on a CPU), bf16, fp16 or off; default auto')
     a('--dry-run', action='store_true', help='print parameters, FLOPs per image, memory at the batch size and the time '
                                              'an epoch takes at --tflops, then stop (see the plan chapter)')
-    a('--tflops', type=float, default=60., help='sustained TFLOP/s assumed by --dry-run for the time per epoch')
+    a('--tflops', type=positive_float, default=60., help='sustained TFLOP/s assumed by --dry-run for the time per '
+                                                           'epoch')
     a('--no-progress', action='store_true', help='no progress bars')
-    a('--dist-timeout', type=float, default=10., metavar='MINUTES', help='under torchrun: how long a process waits '
-      'for the others before the job stops with an error (a dead or stalled process); default 10')
+    a('--dist-timeout', type=positive_float, default=10., metavar='MINUTES', help='under torchrun: how long a '
+      'process waits for the others before the job stops with an error (a dead or stalled process); default 10')
 
 # %% ../nbs/19b_cli.ipynb #d3848453
 def _eval_parser(sub):
@@ -76,8 +100,8 @@ def _eval_parser(sub):
     a('--data', default=None, help="dataset to evaluate on (default: the checkpoint's)")
     a('--data-dir', default=None, help='where dataset files are looked for')
     a('--out', default=None, help="output folder for results.json (default: the checkpoint's folder)")
-    a('--k', type=int, default=20, help='neighbours of the weighted kNN; default 20')
-    a('--T', type=float, default=0.07, help='temperature of the weighted kNN; default 0.07')
+    a('--k', type=positive_int, default=20, help='neighbours of the weighted kNN; default 20')
+    a('--T', type=positive_float, default=0.07, help='temperature of the weighted kNN; default 0.07')
     a('--no-linear', action='store_true', help='skip the linear probe')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
 
@@ -85,26 +109,28 @@ def _compare_options(p):
     a = p.add_argument
     a('--data', default=None, help="dataset (default: the preset's, else fashion_mnist)")
     a('--data-dir', default=None, help='where dataset files are looked for and stored')
-    a('--minutes', type=float, default=None, help="training-time budget of every run (default: the preset's)")
-    a('--epochs', type=float, default=None, help="epochs of every run, when no --minutes (default: the preset's or "
-                                                 "the dataset's)")
+    a('--minutes', type=positive_float, default=None, help="training-time budget of every run (default: the "
+                                                           "preset's)")
+    a('--epochs', type=positive_float, default=None, help="epochs of every run, when no --minutes (default: the "
+                                                          "preset's or the dataset's)")
     a('--arch', default=None, help="backbone of every row that does not set its own (default: per dataset and method)")
-    a('--batch-size', type=int, default=None, help='batch size of every run (default: per dataset and method)')
-    a('--seeds', type=int, default=None, help="seeds 0..N-1 per method (default: the preset's, else 1)")
-    a('--eval-every', type=float, default=None, help="periodic kNN every N epochs for the kNN-vs-epoch plot (0: none; "
-                                                     "default: the preset's)")
-    a('--val-split', type=float, default=0.0, help='score a validation split carved from the training set instead of '
-                                                   'the test split (tuning)')
+    a('--batch-size', type=positive_int, default=None, help='batch size of every run (default: per dataset and '
+                                                            'method)')
+    a('--seeds', type=positive_int, default=None, help="seeds 0..N-1 per method (default: the preset's, else 1)")
+    a('--eval-every', type=nonneg_float, default=None, help="periodic kNN every N epochs for the kNN-vs-epoch plot "
+                                                            "(0: none; default: the preset's)")
+    a('--val-split', type=fraction, default=0.0, help='score a validation split carved from the training set '
+                                                      'instead of the test split (tuning)')
     a('--no-linear', action='store_true', help='skip the linear probes')
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision of every run: auto, bf16, fp16 or off')
-    a('--checkpoint-every', type=float, default=5., metavar='MINUTES', help='minutes between checkpoints inside an '
-                                                                         'epoch (0: at epoch ends only); default 5')
     a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile every run's step: auto (on a GPU), "
                                                                  "on or off")
     a('--no-progress', action='store_true', help='no progress bars')
-    a('--dist-timeout', type=float, default=10., metavar='MINUTES', help='under torchrun: how long a process waits '
-      'for the others before the job stops with an error (a dead or stalled process); default 10')
+    a('--checkpoint-every', type=nonneg_float, default=5., metavar='MINUTES', help='minutes between checkpoints '
+      'inside an epoch (0: at epoch ends only); default 5')
+    a('--dist-timeout', type=positive_float, default=10., metavar='MINUTES', help='under torchrun: how long a '
+      'process waits for the others before the job stops with an error (a dead or stalled process); default 10')
 
 # %% ../nbs/19b_cli.ipynb #5494a33f
 def _compare_parser(sub):
@@ -123,14 +149,27 @@ def _demo_parser(sub):
     p.add_argument('--out', default=None, help='output folder (default: runs/compare-demo); re-running resumes it')
     _compare_options(p)
 
+_DEBUG = dict(action='store_true', help='on an error, show the traceback instead of one line')
+
 def parser():
     "The `sslkd` argument parser."
-    p = argparse.ArgumentParser(prog='sslkd', description='sslkd: self-supervised learning with knowledge distillation')
+    p = _Parser(prog='sslkd', description='sslkd: self-supervised learning with knowledge distillation')
+    p.add_argument('--debug', **_DEBUG)
     sub = p.add_subparsers(dest='command', required=True)
     _train_parser(sub); _eval_parser(sub); _compare_parser(sub); _demo_parser(sub)
+    for s in sub.choices.values():  # `sslkd train --debug` too; SUPPRESS keeps `sslkd --debug train`'s True
+        s.add_argument('--debug', default=argparse.SUPPRESS, **_DEBUG)
     return p
 
 # %% ../nbs/19b_cli.ipynb #8fe2d13d
+def _check_out(out):
+    "Raise the OSError that writing into folder `out` would raise: a file in the way, or no permission."
+    if out is None: return
+    p = Path(out).expanduser().absolute()
+    while not p.exists() and p != p.parent: p = p.parent  # the folder that `mkdir(parents=True)` would write into
+    if not p.is_dir(): raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
+    if not os.access(p, os.W_OK | os.X_OK): raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+
 def train_command(a):
     "`sslkd train`: `run` with the options; returns its `RunResult`."
     if a.student_arch and a.arch and a.student_arch != a.arch:
@@ -140,6 +179,7 @@ def train_command(a):
         p = plan(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, batch_size=a.batch_size,
                  device=a.device, amp=a.amp, teacher=a.teacher, data_dir=a.data_dir, **settings)
         print(p.report(a.tflops)); return p
+    _check_out(a.out)
     return run(a.method, a.data, arch=a.arch or a.student_arch, patch=a.patch, minutes=a.minutes, epochs=a.epochs,
                out=a.out, seed=a.seed, device=a.device, batch_size=a.batch_size, lr=a.lr, data_dir=a.data_dir,
                val_split=a.val_split, eval_every=a.eval_every, linear=not a.no_linear, teacher=a.teacher,
@@ -148,6 +188,7 @@ def train_command(a):
 
 def eval_command(a):
     "`sslkd eval`: `evaluate_checkpoint`; returns the results row."
+    _check_out(a.out)
     return evaluate_checkpoint(a.checkpoint, a.data, data_dir=a.data_dir, out=a.out, k=a.k, T=a.T,
                                linear=not a.no_linear, device=a.device)
 
@@ -158,6 +199,7 @@ def _common(a):
 
 def compare_command(a):
     "`sslkd compare`: `compare` with the options; returns the results rows."
+    _check_out(a.out)
     return compare(a.methods, a.data, preset=a.preset, out=a.out, seeds=a.seeds, minutes=a.minutes, epochs=a.epochs,
                    eval_every=a.eval_every, **_common(a))
 
@@ -168,10 +210,36 @@ def demo_command(a):
 
 COMMANDS = {'train': train_command, 'eval': eval_command, 'compare': compare_command, 'demo': demo_command}
 
+# %% ../nbs/19b_cli.ipynb #9dd6d9cd
+_USER_ERRORS = (ValueError, DataError, CheckpointError, TrainingDiverged, OutOfDeviceMemory, NoSpaceLeft)
+_DISK_FULL = ('No space left', 'unexpected pos', 'file write failed')  # torch.save's words for a full disk
+
+def _within(p, q): return p == q or q in p.parents
+
+def _os_error(e, a):
+    "One line for a full disk, a permission or a file in the way of a folder; None for anything else (a bug)."
+    out = Path(a.out or (Path(a.checkpoint).parent if a.command == 'eval' else 'runs')).absolute()
+    path = Path(e.filename).absolute() if isinstance(e, OSError) and e.filename else None
+    ours = path is None or _within(path, out) or _within(out, path)  # the output folder, not a dataset or teacher
+    verb, fix = ('write', 'choose another --out') if ours else ('open', 'check the path and its permissions')
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
+            isinstance(e, RuntimeError) and any(s in str(e) for s in _DISK_FULL):
+        return (f"no space left on the device holding {out}; free some space or choose another --out (the last "
+                "good checkpoint is kept)") if ours else f"no space left on the device holding {path}; free some space"
+    if isinstance(e, PermissionError) or isinstance(e, OSError) and e.errno == errno.EROFS:
+        return f"cannot {verb} {path or out}: {(e.strerror or 'permission denied').lower()}; {fix}"
+    in_the_way = next((p for p in ((path, *path.parents) if path else ()) if p.is_file()), None)
+    if isinstance(e, (NotADirectoryError, FileExistsError)) and in_the_way:
+        return f"{in_the_way} is a file, not a folder; {fix}"
+    return None
+
 # %% ../nbs/19b_cli.ipynb #4ebaffea
 def main(argv=None) -> int:
     "Entry point of the `sslkd` console script (and of `torchrun ... -m sslkd`): 0 on success, 2 on a user error."
-    a = parser().parse_args(argv)
+    try: a = parser().parse_args(argv)
+    except SystemExit as e:  # the parser has printed its one line (--help exits 0, and on up)
+        if e.code == 2: return 2
+        raise
     rank, world = init_distributed(getattr(a, 'dist_timeout', 10.))  # (0, 1) unless started by torchrun
     try:
         with contextlib.redirect_stdout(open(os.devnull, 'w')) if rank else contextlib.nullcontext(), \
@@ -179,15 +247,18 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
         return 0
-    except (ValueError, DataError, CheckpointError, TrainingDiverged, OutOfDeviceMemory, NoSpaceLeft) as e:
-        print(f"sslkd {a.command}: error: {e}", file=sys.stderr); return 2
     except dist.DistError as e:  # under torchrun: another process died or stalled past --dist-timeout
+        if a.debug: raise
         wait = getattr(a, 'dist_timeout', 10.)
         print(f"sslkd {a.command}: error: rank {rank} of {world}: the other processes did not answer within "
               f"--dist-timeout {wait:g} minutes ({type(e).__name__}); the last checkpoint is kept: run the job "
               "again with --resume", file=sys.stderr); return 2
     except Interrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was written at the step boundary
         print(f"\nsslkd {a.command}: {e}", file=sys.stderr); return e.code
+    except (*_USER_ERRORS, OSError, RuntimeError) as e:
+        line = str(e) if isinstance(e, _USER_ERRORS) else _os_error(e, a)
+        if line is None or a.debug: raise
+        print(f"sslkd {a.command}: error: {line}", file=sys.stderr); return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print(f"\nsslkd {a.command}: interrupted at once: work since the last checkpoint (if one was written) is "
               "lost; continue from it with --resume", file=sys.stderr)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_registry.ipynb #5968abdf
 from __future__ import annotations
-import importlib, importlib.util, json, sys, warnings
+import importlib, importlib.util, json, math, re, sys, types, typing, warnings
 from dataclasses import dataclass, asdict, field, fields, replace, MISSING
 from pathlib import Path
 import torch, torch.nn as nn
@@ -21,9 +21,9 @@ from .distill import KASSL, KASSLConfig, teacher_record
 from .mae import MAE, PooledViT
 
 # %% auto #0
-__all__ = ['ARCHS', 'METHODS', 'DATASET_DEFAULTS', 'build_backbone', 'RandomInit', 'MethodSpec', 'register_method', 'method_spec',
-           'source_of', 'DatasetDefaults', 'dataset_defaults', 'build_method', 'describe', 'parse_overrides',
-           'check_settings', 'load_method', 'load_teacher']
+__all__ = ['ARCHS', 'METHODS', 'DATASET_DEFAULTS', 'OPTIONS', 'build_backbone', 'RandomInit', 'MethodSpec', 'register_method',
+           'method_spec', 'source_of', 'DatasetDefaults', 'dataset_defaults', 'build_method', 'describe',
+           'check_number', 'check_options', 'parse_overrides', 'check_settings', 'load_method', 'load_teacher']
 
 # %% ../nbs/19_registry.ipynb #5636bcfc
 ARCHS = {**vit_archs, **resnet_archs}
@@ -185,25 +185,143 @@ def describe(method, arch, patch, data, cfg=None, dataset=None):
             'method_config': json.loads(json.dumps(asdict(cfg)))}
 
 # %% ../nbs/19_registry.ipynb #9b620804
+_KINDS = {  # an option's kind: its number type, its test, and what a value that fails must be
+    'positive_int': (int, lambda v: v > 0, 'must be a positive integer'),
+    'positive_float': (float, lambda v: v > 0, 'must be a positive number'),
+    'nonneg_float': (float, lambda v: v >= 0, 'must be 0 or more'),
+    'fraction': (float, lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+}
+OPTIONS = {  # the options of `sslkd.run`, `compare` and `evaluate_checkpoint` (and the command line) and their kinds
+    **dict.fromkeys(('epochs', 'minutes', 'lr', 'T', 'tflops', 'dist_timeout'), 'positive_float'),
+    **dict.fromkeys(('batch_size', 'patch', 'stages', 'seeds', 'k'), 'positive_int'),
+    **dict.fromkeys(('eval_every', 'checkpoint_every'), 'nonneg_float'), 'val_split': 'fraction'}
+
+def _number(v, typ):
+    "`v` (a number or its text) as an int, or as a finite float; ValueError for anything else, booleans included."
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (typ is int and isinstance(v, float)):
+        raise ValueError(v)
+    v = typ(v)
+    if not math.isfinite(v): raise ValueError(v)
+    return v
+
+def check_number(value, kind):
+    "`value` (a number, or the text of one) as option kind `kind` (see `_KINDS`) wants it, else ValueError."
+    typ, ok, must = _KINDS[kind]
+    try: v = _number(value, typ)
+    except ValueError: raise ValueError(must) from None
+    if not ok(v): raise ValueError(must)
+    return v
+
+def check_options(**options):
+    "Check each option named in `OPTIONS` (None: its default); one error 'name=value: must be ...' for a bad one."
+    for k, v in options.items():
+        if v is None: continue
+        try: check_number(v, OPTIONS[k])
+        except ValueError as e: raise ValueError(f"{k}={v!r}: {e}") from None
+
+# %% ../nbs/19_registry.ipynb #10baf55e
+_RANGES = ((r'temp', lambda v: v > 0, 'must be > 0'),  # a temperature divides logits
+           (r'(^|_)lr$', lambda v: v > 0, 'must be > 0'),
+           (r'momentum|momenta|prob|mask_ratio|_frac$', lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+           (r'scale$', lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+           (r'_dim$|_size$|heads$', lambda v: v > 0, 'must be > 0'),
+           (r'weight|^lambda', lambda v: v >= 0, 'must be >= 0'))
+_TAKES = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'text', tuple: 'numbers like 0.99,0.996'}
+_EXAMPLES = {int: 8, float: 0.5, bool: True, str: 'NAME', tuple: (0.4, 1)}
+
+def _hints(config_cls):
+    try: return typing.get_type_hints(config_cls)
+    except Exception: return {}  # annotations that do not resolve (a config of your own): values go unchecked
+
+def _kind(hint):
+    "(type, None allowed) of a field's annotation; type None when it is not one sslkd can check."
+    base = lambda t: (typing.get_origin(t) or t) if (typing.get_origin(t) or t) in (bool, int, float, str, tuple) \
+        else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [t for t in typing.get_args(hint) if t is not type(None)]
+        return (base(rest[0]) if len(rest) == 1 else None), len(rest) < len(typing.get_args(hint))
+    return base(hint), False
+
+def _text(v):
+    if isinstance(v, bool): return str(v).lower()
+    if isinstance(v, (tuple, list)): return ','.join(_text(x) for x in v)
+    return f'{v:g}' if isinstance(v, float) else str(v)
+
+def _typed(f, base, v):
+    "`v` as field `f` of type `base` takes it (an int for a float, a list as a tuple), else ValueError."
+    if base is bool and v in (True, False) and isinstance(v, (bool, int)): return bool(v)
+    if base in (int, float): return _number(v, base)
+    if base is str and isinstance(v, str): return v
+    pair = f.name.endswith(('scale', 'ratio'))  # a range (low, high) of crop scales or mask ratios
+    if base is tuple and isinstance(v, (tuple, list)) and (not pair or len(v) == 2):
+        v = tuple(_number(x, float) for x in v)
+        if not pair or v[0] <= v[1]: return v
+    raise ValueError(v)
+
+# %% ../nbs/19_registry.ipynb #f873edf6
+def _setting(f, hint, v):
+    "Setting `v` for field `f` (annotation `hint`): its type checked (and converted), then its range by name."
+    base, optional = _kind(hint)
+    if not (v is None and optional or base is None):
+        try: v = _typed(f, base, v)
+        except (ValueError, TypeError):
+            eg = _EXAMPLES[base] if f.default in (None, MISSING) else f.default
+            takes = 'two numbers low,high (low <= high)' if base is tuple and f.name.endswith(('scale', 'ratio')) \
+                else _TAKES[base]
+            raise ValueError(f"{f.name} takes {takes}{' or none' if optional else ''}, e.g. {f.name}={_text(eg)}")
+    nums = v if isinstance(v, tuple) else (v,)
+    for pattern, ok, must in _RANGES:
+        if re.search(pattern, f.name) and not all(ok(x) for x in nums if isinstance(x, (int, float))):
+            raise ValueError(f"{f.name} {must}")
+    return v
+
+def _field(config_cls, k):
+    fs = {f.name: f for f in fields(config_cls)}
+    if k not in fs: raise ValueError(f"{config_cls.__name__} has no setting {k!r}; "
+                                     f"settings are: {', '.join(fs) or 'none'}")
+    return fs[k]
+
+# %% ../nbs/19_registry.ipynb #c4aada45
+_WORDS = {'true': True, 'false': False, '1': True, '0': False, 'none': None, 'null': None}
+
+def _from_text(text, hint):
+    "What the text after `KEY=` means for a field annotated `hint` (still to be checked)."
+    base, optional = _kind(hint)
+    word = text.strip().lower()
+    if word in ('none', 'null') and optional or base is bool and word in _WORDS: return _WORDS[word]
+    if base is tuple: return [x for x in text.strip().strip('[]()').split(',') if x.strip()]
+    if base is not None: return text
+    try: return json.loads(text)
+    except json.JSONDecodeError: return text
+
 def parse_overrides(pairs, config_cls):
-    "Turn ['key=value', ...] into a dict of `config_cls` fields (values parsed as JSON when they can be)."
-    out = {}
+    "Turn ['key=value', ...] into a dict of `config_cls` settings, each value read by its field's type and checked."
+    out, hints = {}, _hints(config_cls)
     for kv in pairs:
-        if '=' not in kv: raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split('=', 1)
-        try: out[k] = json.loads(v)
-        except json.JSONDecodeError: out[k] = v
-    return check_settings(out, config_cls)
+        if '=' not in kv: raise ValueError(f"--set expects KEY=VALUE, e.g. --set n_local=4, got {kv!r}")
+        k, text = kv.split('=', 1)
+        try: out[k] = _setting(_field(config_cls, k), hints.get(k), _from_text(text, hints.get(k)))
+        except ValueError as e: raise ValueError(f"--set {kv}: {e}") from None
+    return out
 
 def check_settings(settings, config_cls):
-    "`settings` if every key is a field of `config_cls`, else one error that lists the fields."
-    names = [f.name for f in fields(config_cls)]
-    bad = [k for k in settings if k not in names]
-    if bad: raise ValueError(f"{config_cls.__name__} has no setting {bad[0]!r}; "
-                             f"settings are: {', '.join(names) or 'none'}")
-    return settings
+    "`settings` (from `sslkd.run(**settings)`) checked like `--set`: names, types (converted) and ranges."
+    hints, out = _hints(config_cls), {}
+    for k, v in settings.items():
+        try: out[k] = _setting(_field(config_cls, k), hints.get(k), v)
+        except ValueError as e: raise ValueError(f"{k}={v!r}: {e}") from None
+    return out
 
 # %% ../nbs/19_registry.ipynb #33da2ce1
+def _mismatch(own, saved):
+    "How a checkpoint's weights differ from the model's, in a few words: counts, and at most 3 names of each."
+    if not isinstance(saved, dict): return 'it holds no weights'
+    names = lambda ks: ', '.join(ks[:3]) + (', ...' if len(ks) > 3 else '')
+    shape = lambda k: tuple(getattr(saved[k], 'shape', ()))
+    diffs = (([k for k in own if k not in saved], 'missing'), ([k for k in saved if k not in own], 'unexpected'),
+             ([k for k in own if k in saved and shape(k) != tuple(own[k].shape)], 'of another shape'))
+    return ', '.join(f"{len(ks)} weight{'s' * (len(ks) > 1)} {what} ({names(ks)})" for ks, what in diffs if ks)
+
 def load_method(path, device='cpu'):
     "Rebuild a trained method from an sslkd checkpoint; returns (method, checkpoint)."
     ck = load_checkpoint(path, map_location=device)
@@ -215,9 +333,11 @@ def load_method(path, device='cpu'):
         what = f"{desc.get('method')}, {desc.get('arch')}"
         raise CheckpointError(f"cannot rebuild the model of {path} ({what}): {e}") from e
     try: method.load_state_dict(ck['method'])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:  # torch's message lists every key: kilobytes
+        # compared after the attempt: a method may grow on load (multi_teacher adds a slot per frozen teacher)
+        diff = _mismatch(method.state_dict(), ck.get('method')) or str(e).splitlines()[0][:200]
         raise CheckpointError(f"{path} does not match the model it describes ({desc['method']}, {desc['arch']}): "
-                              f"{str(e).splitlines()[0]}") from e
+                              f"{diff}; train it again, or evaluate it with the sslkd version that wrote it") from e
     return method.to(device), ck
 
 def load_teacher(path, data, dataset):

@@ -14,7 +14,7 @@ from .evaluate import evaluate_backbone
 from .train import Method, TrainConfig, fit, resolve_device, is_main_process, precision, describe_device, compiles
 from .guard import RunFolderError
 from .registry import (ARCHS, METHODS, register_method, method_spec, source_of, dataset_defaults, describe,
-                            build_method, check_settings, load_method, load_teacher)
+                            build_method, check_settings, check_options, OPTIONS, load_method, load_teacher)
 from .viz import (read_metrics, plot_loss_curves, plot_knn_curves, plot_collapse_signals, plot_agreement,
                        plot_attention_maps)
 
@@ -76,17 +76,11 @@ def _method_name(method):
 
 def _slug(label): return re.sub(r'[^A-Za-z0-9_.-]+', '_', label)
 
-def _positive(**kw):
-    for k, v in kw.items():
-        if v is not None and not v > 0: raise ValueError(f"{k}={v}: give a positive number")
-
 # %% ../nbs/19a_runner.ipynb #cae918e4
 def _train_config(d, epochs, batch_size, lr, minutes, stages, **kw):
-    _positive(epochs=epochs, batch_size=batch_size, lr=lr, minutes=minutes)
-    if stages < 1: raise ValueError(f"stages={stages}: give 1 (one stage) or more")
     epochs = d.epochs if epochs is None else epochs
     return TrainConfig(epochs=epochs / stages, batch_size=d.batch_size if batch_size is None else batch_size,
-                       lr=d.lr if lr is None else lr, minutes=minutes / stages if minutes else None, **kw)
+                       lr=d.lr if lr is None else lr, minutes=None if minutes is None else minutes / stages, **kw)
 
 def _check_stages(spec, name, stages):
     if stages > 1 and not hasattr(spec.cls, 'next_stage'):
@@ -131,10 +125,12 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
         linear=True, teacher=None, stages=1, compile='auto', amp='auto', resume=False, overwrite=False,
         checkpoint_every=5., progress=True, **settings) -> RunResult:
     "Train `method` on `data` with the dataset's defaults and the method's `settings`; evaluate it; save it in `out`."
+    check_options(patch=patch, minutes=minutes, epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split,
+                  eval_every=eval_every, stages=stages, checkpoint_every=checkpoint_every)
     name = _method_name(method); spec = method_spec(name)
     d = dataset_defaults(data, name)
     arch = arch or d.arch
-    patch = patch or (d.patch if arch.startswith('vit') else None)
+    patch = (d.patch if arch.startswith('vit') else None) if patch is None else patch
     if arch not in ARCHS: raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     settings = {**d.config, **check_settings(settings, spec.config)}
     cfg = _train_config(d, epochs, batch_size, lr, minutes, stages, eval_every=eval_every, seed=seed, device=device,
@@ -167,6 +163,7 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
 # %% ../nbs/19a_runner.ipynb #1e7b44f8
 def evaluate_checkpoint(path, data=None, *, data_dir=None, out=None, k=20, T=0.07, linear=True, device='auto'):
     "Evaluate the checkpoint at `path` (kNN and linear probe on the test split); write and return its results row."
+    check_options(k=k, T=T)
     method, ck = load_method(path, resolve_device(device))
     desc = ck['meta']
     name = data or desc.get('dataset')
@@ -215,7 +212,8 @@ def run_rows(rows, data, out, seeds=1, minutes=None, epochs=None, common=None):
             kw = {**(common or {}), **{k: _fill(v, out, seed, seed_of) for k, v in row.args.items()}}
             settings = kw.pop('settings', {})
             own = {'minutes', 'epochs'} & row.args.keys()  # a row's own budget (a teacher's) beats the comparison's
-            budget = {} if own else {'minutes': minutes} if minutes else {'epochs': epochs} if epochs else {}
+            budget = {} if own else {'minutes': minutes} if minutes is not None else \
+                {'epochs': epochs} if epochs is not None else {}
             res = run(row.method, data, seed=seed, out=folder, resume=(folder / 'checkpoint.pt').exists(),
                       **budget, **kw, **settings)
             results.append({**res.row, 'label': row.label, 'run': str(folder)})
@@ -341,17 +339,20 @@ def _budget(minutes, epochs, seeds):
 def compare(methods=None, data=None, *, preset=None, out=None, seeds=None, minutes=None, epochs=None,
             eval_every=None, plots=True, **common):
     "Train and evaluate `methods` (names, or `Row`s) or a `preset` on one budget; write results.json/md and plots."
+    check_options(seeds=seeds, minutes=minutes, epochs=epochs, eval_every=eval_every,
+                  **{k: v for k, v in common.items() if k in OPTIONS})  # before the first run, not in the third
     if preset:
         name, p = get_preset(preset)
         rows, data = p.rows, data or p.data
-        minutes, epochs = (minutes, epochs) if (minutes or epochs) else (p.minutes, p.epochs)
-        seeds, eval_every = seeds or p.seeds, p.eval_every if eval_every is None else eval_every
+        if minutes is None and epochs is None: minutes, epochs = p.minutes, p.epochs
+        seeds, eval_every = p.seeds if seeds is None else seeds, p.eval_every if eval_every is None else eval_every
     else:
         if not methods:
             raise ValueError(f"give methods (e.g. --methods random,dino) or a preset ({', '.join(PRESETS)})")
         methods = methods.split(',') if isinstance(methods, str) else methods
         rows = [m if isinstance(m, Row) else Row(_method_name(m)) for m in methods]
-        name, data, seeds, eval_every = None, data or 'fashion_mnist', seeds or 1, eval_every or 0.
+        name, data = None, data or 'fashion_mnist'
+        seeds, eval_every = 1 if seeds is None else seeds, 0. if eval_every is None else eval_every
     out = Path(out or f"runs/compare-{name or _slug(data)}")
     t0 = time.time()
     results = run_rows(rows, data, out, seeds, minutes, epochs, {**common, 'eval_every': eval_every})
