@@ -216,6 +216,13 @@ _DISK_FULL = ('No space left', 'unexpected pos', 'file write failed')  # torch.s
 
 def _within(p, q): return p == q or q in p.parents
 
+def _stalled(e, a, rank, world):
+    "The line for a collective that timed out under torchrun (another process died or stalled), else None."
+    if world < 2 or not (isinstance(e, dist.DistError) or 'Timed out' in str(e)): return None
+    return (f"rank {rank} of {world}: the other processes did not answer within --dist-timeout "
+            f"{getattr(a, 'dist_timeout', 10.):g} minutes; the last checkpoint is kept: run the job again with "
+            "--resume")
+
 def _os_error(e, a):
     "One line for a full disk, a permission or a file in the way of a folder; None for anything else (a bug)."
     out = Path(a.out or (Path(a.checkpoint).parent if a.command == 'eval' else 'runs')).absolute()
@@ -247,16 +254,10 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
         return 0
-    except dist.DistError as e:  # under torchrun: another process died or stalled past --dist-timeout
-        if a.debug: raise
-        wait = getattr(a, 'dist_timeout', 10.)
-        print(f"sslkd {a.command}: error: rank {rank} of {world}: the other processes did not answer within "
-              f"--dist-timeout {wait:g} minutes ({type(e).__name__}); the last checkpoint is kept: run the job "
-              "again with --resume", file=sys.stderr); return 2
     except Interrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was written at the step boundary
         print(f"\nsslkd {a.command}: {e}", file=sys.stderr); return e.code
     except (*_USER_ERRORS, OSError, RuntimeError) as e:
-        line = str(e) if isinstance(e, _USER_ERRORS) else _os_error(e, a)
+        line = _stalled(e, a, rank, world) or (str(e) if isinstance(e, _USER_ERRORS) else _os_error(e, a))
         if line is None or a.debug: raise
         print(f"sslkd {a.command}: error: {line}", file=sys.stderr); return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training

@@ -153,3 +153,25 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(straight, tmp_path):
         assert step >= 1 and not list(out.glob('*.tmp'))
     finally:
         subprocess.run(['umount', str(disk)])
+
+
+def test_a_stalled_rank_ends_the_torchrun_job_within_the_timeout(straight, tmp_path):
+    "SIGSTOP on rank 1: rank 0 waits --dist-timeout (here 15 s) in its next collective, then the job ends, saying why."
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '-m', 'sslkd', 'train',
+           *command(straight[0], tmp_path / 'run', '--dist-timeout', '0.25', epochs=300)[4:]]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(training(tmp_path / 'run'))
+        ranks = {}
+        for pid in subprocess.run(['pgrep', '-P', str(job.pid)], capture_output=True, text=True).stdout.split():
+            env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+            ranks[next(e for e in env if e.startswith(b'RANK=')).decode()] = int(pid)
+        os.kill(ranks['RANK=1'], signal.SIGSTOP)
+        t = time.time()
+        _, err = job.communicate(timeout=240)
+        waited = time.time() - t
+    finally:
+        if job.poll() is None: job.kill()
+    print(f"job ended {waited:.1f} s after rank 1 stalled (timeout 15 s)")
+    assert job.returncode != 0 and waited < 120
+    assert 'the other processes did not answer within --dist-timeout 0.25 minutes' in err, [l for l in err.splitlines() if 'Error' in l][:8]
