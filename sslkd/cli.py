@@ -81,7 +81,7 @@ def _train_parser(sub):
       'over this many stages; after each, the teacher is frozen as an extra teacher and the student restarts from '
       'fresh weights (stage k in OUT/stageK, the last in OUT); default 1')
     a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile the step's tensor work: auto (on a "
-                                                                 "GPU; on a CPU it did not pay), on or off")
+                                                                 "GPU), on (pays on a CPU for long runs) or off")
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision: auto (bf16 on GPUs that have it, else '
                                                           'fp16; fp32 on a CPU), bf16, fp16 or off; default auto')
     a('--dry-run', action='store_true', help='print parameters, FLOPs per image, memory at the batch size and the time '
