@@ -62,7 +62,8 @@ def channel_stats(x, chunk=8192):
         s += v.sum(1); s2 += (v * v).sum(1)
     n = x.numel() // c
     mean = [si / n / 255 for si in s.tolist()]
-    std = [math.sqrt(max(s2i / n / 255**2 - m * m, 0.0)) for s2i, m in zip(s2.tolist(), mean)]
+    # a channel that never varies (solid-colour images) would be divided by 0: its std is one grey level
+    std = [max(math.sqrt(max(s2i / n / 255**2 - m * m, 0.0)), 1 / 255) for s2i, m in zip(s2.tolist(), mean)]
     return tuple(mean), tuple(std)
 
 # %% ../nbs/00_data.ipynb #060c4043

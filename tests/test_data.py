@@ -590,3 +590,11 @@ def test_real_fashion_mnist():
     (m,), (s,) = channel_stats(tr.x)
     assert (m, s) == pytest.approx(D.FASHION_MEAN + D.FASHION_STD, abs=1e-6)
     assert torch.equal(load_dataset('fashion-mnist', 'test', download=False).x, te.x)
+
+
+def test_a_channel_that_never_varies_is_not_divided_by_zero():
+    "Solid-colour images (one channel constant) once made NaN features; the std is floored at one grey level."
+    from sslkd.data import channel_stats
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8); x[:, 0] = 255; x[:2, 1] = 100
+    mean, std = channel_stats(x)
+    assert std[0] == std[2] == 1 / 255 and std[1] > 0.1 and mean[0] == 1.0
