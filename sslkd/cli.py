@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 from .data import DataError
 from .train import CheckpointError, TrainingDiverged, AMP_CHOICES, OutOfDeviceMemory, COMPILE_CHOICES
-from .device import init_distributed
+from .device import init_distributed, leave_distributed
 from .guard import Interrupted
 from .checkpoint import NoSpaceLeft
 from .registry import ARCHS, METHODS, method_spec, parse_overrides, check_number
@@ -248,11 +248,13 @@ def main(argv=None) -> int:
         if e.code == 2: return 2
         raise
     rank, world = init_distributed(getattr(a, 'dist_timeout', 10.))  # (0, 1) unless started by torchrun
+    finished = False
     try:
         with contextlib.redirect_stdout(open(os.devnull, 'w')) if rank else contextlib.nullcontext(), \
                 warnings.catch_warnings():  # a warning is one line, not a file name and a line number
             warnings.showwarning = lambda msg, *_, **__: print(f"sslkd: warning: {msg}", file=sys.stderr)
             COMMANDS[a.command](a)
+        finished = True
         return 0
     except Interrupted as e:  # SIGTERM or Ctrl-C: a checkpoint was written at the step boundary
         print(f"\nsslkd {a.command}: {e}", file=sys.stderr); return e.code
@@ -264,5 +266,4 @@ def main(argv=None) -> int:
         print(f"\nsslkd {a.command}: interrupted at once: work since the last checkpoint (if one was written) is "
               "lost; continue from it with --resume", file=sys.stderr)
         return 130
-    finally:
-        if world > 1: dist.destroy_process_group()
+    finally: leave_distributed(finished)

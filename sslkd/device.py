@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['AMP_CHOICES', 'fp32', 'is_distributed', 'resolve_device', 'cpu_has_bf16', 'precision', 'describe_device',
-           'OutOfDeviceMemory', 'oom_message', 'is_main_process', 'ddp_wrap', 'init_distributed']
+           'OutOfDeviceMemory', 'oom_message', 'is_main_process', 'ddp_wrap', 'init_distributed', 'leave_distributed']
 
 # %% ../nbs/07a_device.ipynb #71bf7ca0
 # the device, its precision and the process group: what every module may ask, so it sits below them all
@@ -118,3 +118,11 @@ def init_distributed(timeout_minutes=10.):
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+def leave_distributed(finished=True):
+    "Leave the process group; after a normal end, wait for every rank first."
+    if not is_distributed(): return
+    # gloo aborts a rank (SIGABRT) whose peer tears down while their last exchange is in flight;
+    # after an error the other ranks may be gone, so only a finished run waits
+    if finished: dist.barrier()
+    dist.destroy_process_group()

@@ -219,6 +219,7 @@ def _ddp_worker(rank, world, init, z1, z2, q, k, T, out):
         l3 = in_batch_info_nce(qq, k[sl], T)
         l3.backward()
         torch.save(dict(loss=loss.detach(), ga=a.grad, gb=b.grad, l3=l3.detach(), gq=qq.grad), f'{out}/{rank}.pt')
+        dist.barrier()  # gloo aborts a rank whose peer leaves while their last exchange is in flight
     finally: dist.destroy_process_group()
 
 

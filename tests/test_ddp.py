@@ -10,6 +10,7 @@ from sslkd.dino import DINO, DINOConfig
 from sslkd.train import TrainConfig, fit
 from sslkd.resnet import small_cnn
 from sslkd.guard import Interrupted
+from sslkd.device import leave_distributed
 
 STATS = ((0.5,), (0.25,))
 CFG = dict(epochs=1, lr=1e-3, progress=False, eval_every=0, device="cpu")  # 64 images / batch 16: 4 steps
@@ -43,8 +44,11 @@ def process_group(rank, world, port):
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
     dist.init_process_group('gloo', rank=rank, world_size=world)
-    try: yield
-    finally: dist.destroy_process_group()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally: leave_distributed(finished)  # a rank leaving while its peer still exchanges is aborted by gloo
 
 
 def worker(rank, world, port, path):
