@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'NoSpaceLeft', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'snapshot', 'restore', 'signature_diff', 'config_signature', 'resume_may_change',
-           'check_signature']
+           'set_rng_state', 'snapshot', 'restore', 'stage_path', 'stage_record', 'signature_diff', 'config_signature',
+           'resume_may_change', 'check_signature']
 
 # %% ../nbs/11a_checkpoint.ipynb #0c08ac1b
 CHECKPOINT_FORMAT = 'sslkd-checkpoint-1'
@@ -85,6 +85,19 @@ def snapshot(method, opt, g):
 def restore(snap, method, opt, g):
     "Put back what `snapshot` took."
     method.load_state_dict(snap[0]); opt.load_state_dict(snap[1]); set_rng_state(g, snap[2])
+
+# %% ../nbs/11a_checkpoint.ipynb #e2acffec
+def stage_path(out, at):
+    "Where the evaluation backbone of a run in folder `out` is kept at fraction `at` of the run."
+    return Path(out) / 'stages' / f'at{at:g}.pt'
+
+def stage_record(method, at, step, steps_per_epoch, train_seconds):
+    "What `stage_path` holds: the weights of `method`'s eval backbone and prototype head (if any), on the CPU."
+    cpu = lambda m: {k: v.detach().to('cpu', copy=True) for k, v in m.state_dict().items()}
+    head = method.prototype_head() if hasattr(method, 'prototype_head') else None
+    return {'format': CHECKPOINT_FORMAT, 'at': at, 'step': step, 'epochs': round(step / steps_per_epoch, 4),
+            'train_seconds': round(train_seconds, 2), 'backbone': cpu(method.eval_backbone()),
+            **({'head': cpu(head)} if head is not None else {})}
 
 # %% ../nbs/11a_checkpoint.ipynb #a50f037a
 def signature_diff(a, b, prefix=''):

@@ -14,11 +14,12 @@ from .guard import Interrupted
 from .checkpoint import NoSpaceLeft
 from .registry import ARCHS, METHODS, method_spec, parse_overrides, check_number
 from .runner import PRESETS, run, evaluate_checkpoint, compare
+from .evaluations import parse_evals, parse_eval_at
 from .plan import plan
 
 # %% auto #0
-__all__ = ['positive_int', 'positive_float', 'nonneg_float', 'fraction', 'COMMANDS', 'parser', 'train_command', 'eval_command',
-           'compare_command', 'demo_command', 'main']
+__all__ = ['positive_int', 'positive_float', 'nonneg_float', 'fraction', 'eval_list', 'fractions', 'COMMANDS', 'parser',
+           'train_command', 'eval_command', 'compare_command', 'demo_command', 'main']
 
 # %% ../nbs/19b_cli.ipynb #70fb300d
 def _number_type(kind):
@@ -31,6 +32,16 @@ def _number_type(kind):
 
 positive_int, positive_float, nonneg_float, fraction = map(_number_type, ('positive_int', 'positive_float',
                                                                           'nonneg_float', 'fraction'))
+
+def _list_type(parse):
+    "An argparse type: the text if `parse` accepts it, or the error saying why not."
+    def check(text):
+        try: parse(text); return text
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e).split(': ', 1)[-1]) from None
+    check.__name__ = parse.__name__
+    return check
+
+eval_list, fractions = _list_type(parse_evals), _list_type(parse_eval_at)
 
 class _Parser(argparse.ArgumentParser):
     "argparse with errors on one line (the subcommands' parsers are of this class too)."
@@ -72,6 +83,7 @@ def _train_parser(sub):
     a('--eval-every', type=nonneg_float, default=1, help='kNN evaluation every N epochs, fractions allowed, e.g. '
                                                          '0.25 (0: only at the end); default 1')
     a('--no-linear', action='store_true', help='skip the linear probe in the final evaluation')
+    _eval_options(a)
     a('--set', action='append', default=[], metavar='KEY=VALUE',
       help="override a setting of the method's config, e.g. --set n_local=2 --set out_dim=256 (repeatable)")
     a('--teacher', default=None, help='kassl: the checkpoint.pt (of any sslkd method and backbone) whose backbone is '
@@ -94,7 +106,7 @@ def _train_parser(sub):
 
 # %% ../nbs/19b_cli.ipynb #d3848453
 def _eval_parser(sub):
-    p = sub.add_parser('eval', help='evaluate a checkpoint (kNN and linear probe), write results.json')
+    p = sub.add_parser('eval', help='evaluate a checkpoint (kNN and linear probe, or --eval), write results.json')
     a = p.add_argument
     a('checkpoint', help='path to a checkpoint.pt written by sslkd train or sslkd.run')
     a('--data', default=None, help="dataset to evaluate on (default: the checkpoint's)")
@@ -103,7 +115,17 @@ def _eval_parser(sub):
     a('--k', type=positive_int, default=20, help='neighbours of the weighted kNN; default 20')
     a('--T', type=positive_float, default=0.07, help='temperature of the weighted kNN; default 0.07')
     a('--no-linear', action='store_true', help='skip the linear probe')
+    _eval_options(a, stages=False)
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
+
+def _eval_options(a, stages=True):
+    "The choice of evaluations, in train, compare, demo and (without --eval-at) eval."
+    a('--eval', type=eval_list, default=None, metavar='LIST', help='evaluations, comma-separated: knn, linear, unsup '
+      '(unsupervised classification: NMI, ARI, ACC), finetune; default knn,linear (a preset may ask for more)')
+    a('--finetune-epochs', type=positive_int, default=None, help='epochs of the finetune evaluation; default 10')
+    if stages: a('--eval-at', type=fractions, default=None, metavar='FRACTIONS', help='keep the evaluation backbone '
+                 'at these fractions of the run (e.g. 0,0.25,0.5,0.75,1; 0 is untrained, 1 the end) and evaluate '
+                 'each after training (results.json: eval_at)')
 
 def _compare_options(p):
     a = p.add_argument
@@ -122,6 +144,7 @@ def _compare_options(p):
     a('--val-split', type=fraction, default=0.0, help='score a validation split carved from the training set '
                                                       'instead of the test split (tuning)')
     a('--no-linear', action='store_true', help='skip the linear probes')
+    _eval_options(a)
     a('--device', default='auto', help='auto (CUDA if available), cpu or cuda; default auto')
     a('--amp', default='auto', choices=AMP_CHOICES, help='autocast precision of every run: auto, bf16, fp16 or off')
     a('--compile', default='auto', choices=COMPILE_CHOICES, help="torch.compile every run's step: auto (on a GPU), "
@@ -184,18 +207,21 @@ def train_command(a):
                out=a.out, seed=a.seed, device=a.device, batch_size=a.batch_size, lr=a.lr, data_dir=a.data_dir,
                val_split=a.val_split, eval_every=a.eval_every, linear=not a.no_linear, teacher=a.teacher,
                stages=a.stages, compile=a.compile, amp=a.amp, resume=a.resume, overwrite=a.overwrite,
-               checkpoint_every=a.checkpoint_every, progress=not a.no_progress, **settings)
+               checkpoint_every=a.checkpoint_every, progress=not a.no_progress, evals=a.eval,
+               finetune_epochs=a.finetune_epochs, eval_at=a.eval_at, **settings)
 
 def eval_command(a):
     "`sslkd eval`: `evaluate_checkpoint`; returns the results row."
     _check_out(a.out)
     return evaluate_checkpoint(a.checkpoint, a.data, data_dir=a.data_dir, out=a.out, k=a.k, T=a.T,
-                               linear=not a.no_linear, device=a.device)
+                               linear=not a.no_linear, device=a.device, evals=a.eval,
+                               finetune_epochs=a.finetune_epochs)
 
 def _common(a):
     return dict(arch=a.arch, batch_size=a.batch_size, data_dir=a.data_dir, device=a.device, val_split=a.val_split,
                 linear=not a.no_linear, progress=not a.no_progress, amp=a.amp, compile=a.compile,
-                checkpoint_every=a.checkpoint_every)
+                checkpoint_every=a.checkpoint_every, evals=a.eval, finetune_epochs=a.finetune_epochs,
+                eval_at=a.eval_at)
 
 def compare_command(a):
     "`sslkd compare`: `compare` with the options; returns the results rows."

@@ -244,6 +244,10 @@ class SelfDistillation(Method):
         "The teacher's backbone, the one DINO and iBOT evaluate."
         return self.teacher.backbone
 
+    def prototype_head(self):
+        "The teacher's head: `eval_backbone` features to prototype scores (the unsupervised classification)."
+        return self.teacher.head
+
 # %% ../nbs/08_dino.ipynb #d5b1db96
 def frozen_steps(cfg, total_steps, steps_per_epoch):
     "Steps with the head's last layer frozen: `freeze_last_layer_epochs` epochs, at most `freeze_last_layer_frac`."

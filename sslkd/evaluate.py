@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['extract_features', 'knn_predict_naive', 'knn_predict', 'topk_accuracy', 'knn_accuracy', 'LinearProbeConfig',
-           'linear_probe', 'evaluate_backbone']
+           'linear_probe', 'evaluate_backbone', 'knn_eval']
 
 # %% ../nbs/04_evaluate.ipynb #e73d86f0
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -116,3 +116,12 @@ def evaluate_backbone(model, train, test, k=20, T=0.07, linear=True, probe=None,
     res = dict(zip(('knn_top1', 'knn_top5'), knn_accuracy(ftr, train.y, fte, test.y, k, T, C)), k=k, T=T)
     if linear: res.update(zip(('linear_top1', 'linear_top5'), linear_probe(ftr, train.y, fte, test.y, probe, C)))
     return res
+
+# %% ../nbs/04_evaluate.ipynb #knnevalx
+def knn_eval(method, memory, queries, k=20, T=0.07, n_memory=None, batch_size=512):
+    "kNN (Acc@1, Acc@5) of `method.eval_backbone()` features of `queries` against `memory` (ImageData)."
+    bb = method.eval_backbone()
+    n = min(n_memory, len(memory)) if n_memory else len(memory)
+    fm = extract_features(bb, memory.x[:n], memory.mean, memory.std, batch_size)
+    fq = extract_features(bb, queries.x, memory.mean, memory.std, batch_size)
+    return knn_accuracy(fm, memory.y[:n], fq, queries.y, k, T, len(memory.classes))

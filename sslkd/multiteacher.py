@@ -209,6 +209,10 @@ class EMATeachers:
         "The backbone of the EMA teacher chosen by `cfg.eval_teacher` (default: the slowest)."
         return self.teachers[self.eval_index].net.backbone
 
+    def prototype_head(self):
+        "That teacher's head (its prototypes score the `eval_backbone` features)."
+        return self.teachers[self.eval_index].net.head
+
 # %% ../nbs/14_multiteacher.ipynb #4903a543
 class FrozenTeachers:
     "Frozen snapshot teachers, checkpoints that hold any number of them, and `next_stage`."

@@ -193,7 +193,7 @@ _KINDS = {  # an option's kind: its number type, its test, and what a value that
 }
 OPTIONS = {  # the options of `sslkd.run`, `compare` and `evaluate_checkpoint` (and the command line) and their kinds
     **dict.fromkeys(('epochs', 'minutes', 'lr', 'T', 'tflops', 'dist_timeout'), 'positive_float'),
-    **dict.fromkeys(('batch_size', 'patch', 'stages', 'seeds', 'k'), 'positive_int'),
+    **dict.fromkeys(('batch_size', 'patch', 'stages', 'seeds', 'k', 'finetune_epochs'), 'positive_int'),
     **dict.fromkeys(('eval_every', 'checkpoint_every'), 'nonneg_float'), 'val_split': 'fraction'}
 
 def _number(v, typ):

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import matplotlib.pyplot as plt
 from .data import ImageData, load_dataset
-from .evaluate import evaluate_backbone
+from .evaluations import (evaluate, evaluate_stages, stage_files, parse_evals, parse_eval_at, EvalConfig,
+                               DEFAULT_EVALS, EVALUATIONS, TABLE, ACCURACIES)
+from .finetune import FinetuneConfig
 from .train import Method, TrainConfig, fit, resolve_device, is_main_process, precision, describe_device, compiles
 from .guard import RunFolderError
 from .registry import (ARCHS, METHODS, register_method, method_spec, source_of, dataset_defaults, describe,
@@ -19,7 +21,7 @@ from .viz import (read_metrics, plot_loss_curves, plot_knn_curves, plot_collapse
                        plot_attention_maps)
 
 # %% auto #0
-__all__ = ['ACCURACIES', 'PRESETS', 'PRESET_ALIASES', 'split_train_val', 'write_results', 'evaluate_method', 'RunResult', 'run',
+__all__ = ['PRESETS', 'PRESET_ALIASES', 'split_train_val', 'write_results', 'eval_choices', 'evaluate_method', 'RunResult', 'run',
            'evaluate_checkpoint', 'Row', 'run_rows', 'summarize', 'results_markdown', 'comparison_plots', 'Preset',
            'get_preset', 'compare']
 
@@ -38,9 +40,17 @@ def write_results(path, dataset, rows):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({'dataset': dataset, 'rows': rows}, indent=2) + '\n')
 
-def evaluate_method(method, train, test, k=20, T=0.07, linear=True):
-    "Accuracies (percent) of `method.eval_backbone()` on `test`, with `train` as kNN memory and probe training set."
-    return evaluate_backbone(method.eval_backbone(), train, test, k=k, T=T, linear=linear)
+def eval_choices(evals=None, linear=True, k=20, T=0.07, finetune_epochs=None):
+    "(evaluation names, `EvalConfig`) from the options of `run` and `sslkd eval`; `linear=False` drops the probe."
+    names = tuple(e for e in parse_evals(evals or DEFAULT_EVALS) if linear or e != 'linear')
+    if not names: raise ValueError("--no-linear leaves no evaluation: add one with --eval (knn, unsup, finetune)")
+    return names, EvalConfig(k=k, T=T, finetune=FinetuneConfig(**({'epochs': finetune_epochs} if finetune_epochs
+                                                                       else {})))
+
+def evaluate_method(method, train, test, evals=DEFAULT_EVALS, cfg=None):
+    "Scores (%) of `method.eval_backbone()` on `test`, fitted on `train`; unsup by the teacher's prototypes."
+    head = method.prototype_head() if hasattr(method, 'prototype_head') else None
+    return evaluate(method.eval_backbone(), train, test, evals, head, cfg)
 
 def _row(desc, seed, epochs, train_seconds, acc):
     return {'method': desc['method'], 'arch': desc['arch'], 'patch': desc.get('patch'), 'seed': seed, 'epochs': epochs,
@@ -48,12 +58,12 @@ def _row(desc, seed, epochs, train_seconds, acc):
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in acc.items()}}
 
 def _print_row(r):
-    lin = f", linear Acc@1 {r['linear_top1']:.2f}% Acc@5 {r['linear_top5']:.2f}%" if 'linear_top1' in r else ''
-    print(f"{r['method']} {r['arch']}, {r.get('split', 'test')} split: kNN Acc@1 {r['knn_top1']:.2f}% "
-          f"Acc@5 {r['knn_top5']:.2f}% (k={r['k']}, T={r['T']}){lin}; trained {r['epochs']} epochs in "
-          f"{r['train_seconds']:.0f} s")
-
-ACCURACIES = ('knn_top1', 'knn_top5', 'linear_top1', 'linear_top5')
+    scores = '; '.join(f"{group} " + ' '.join(f"{c} {r[k]:.2f}%" for k, c in cols) for group, *cols in TABLE.values()
+                       if cols[0][0] in r)
+    notes = ([f"kNN k={r['k']}, T={r['T']}"] if 'k' in r else []) + ([f"clusters by {r['unsup_by']}"] if 'unsup_by'
+                                                                      in r else [])
+    print(f"{r['method']} {r['arch']}, {r.get('split', 'test')} split: {scores}" + (f" ({', '.join(notes)})" if notes
+          else '') + f"; trained {r['epochs']} epochs in {r['train_seconds']:.0f} s")
 
 # %% ../nbs/19a_runner.ipynb #cf829342
 @dataclass
@@ -119,14 +129,19 @@ def _train_stages(method, desc, fit_data, eval_data, cfg, out, resume, stages, s
         steps, seconds = steps + res['steps'], seconds + res['train_seconds']
     return steps, seconds, res.get('steps_per_epoch', 1)
 
+
 # %% ../nbs/19a_runner.ipynb #1bac7e04
 def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, epochs=None, out=None, seed=0,
         device='auto', evaluate=True, batch_size=None, lr=None, data_dir=None, val_split=0., eval_every=1.,
         linear=True, teacher=None, stages=1, compile='auto', amp='auto', resume=False, overwrite=False,
-        checkpoint_every=5., progress=True, **settings) -> RunResult:
+        checkpoint_every=5., progress=True, evals=None, finetune_epochs=None, eval_at=None, **settings) -> RunResult:
     "Train `method` on `data` with the dataset's defaults and the method's `settings`; evaluate it; save it in `out`."
     check_options(patch=patch, minutes=minutes, epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split,
-                  eval_every=eval_every, stages=stages, checkpoint_every=checkpoint_every)
+                  eval_every=eval_every, stages=stages, checkpoint_every=checkpoint_every,
+                  finetune_epochs=finetune_epochs)
+    evals, ecfg = eval_choices(evals, linear, finetune_epochs=finetune_epochs)
+    eval_at = parse_eval_at(eval_at) if eval_at is not None else ()
+    if eval_at and stages > 1: raise ValueError("--eval-at works in runs of one stage: drop --eval-at or --stages")
     name = _method_name(method); spec = method_spec(name)
     d = dataset_defaults(data, name)
     arch = arch or d.arch
@@ -134,7 +149,7 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
     if arch not in ARCHS: raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     settings = {**d.config, **check_settings(settings, spec.config)}
     cfg = _train_config(d, epochs, batch_size, lr, minutes, stages, eval_every=eval_every, seed=seed, device=device,
-                        compile=compile, amp=amp, progress=progress, checkpoint_every=checkpoint_every)
+                        compile=compile, amp=amp, progress=progress, checkpoint_every=checkpoint_every, eval_at=eval_at)
     _check_stages(spec, name, stages)
     if teacher and not spec.needs_teacher: raise ValueError(f"--teacher is for kassl; {name} trains its own teacher")
     train, test = load_dataset(data, 'train', data_dir), load_dataset(data, 'test', data_dir)
@@ -150,20 +165,24 @@ def run(method, data='fashion_mnist', *, arch=None, patch=None, minutes=None, ep
     row = _row(desc, seed, round(steps / max(per_epoch, 1), 2), seconds, {})
     if not evaluate or not is_main_process(): return RunResult(m, None, out, row)  # rank 0 evaluates and writes
     # a tuning run (val_split) is scored on its validation split: the test split is never seen while tuning
-    acc = evaluate_method(m, *((fit_data, eval_data) if val_split else (train, test)), linear=linear)
+    scored = (fit_data, eval_data) if val_split else (train, test)
+    acc = evaluate_method(m, *scored, evals, ecfg)
     dev = resolve_device(cfg.device)
     row = {**_row(desc, seed, row['epochs'], seconds, acc), 'split': f'val {val_split:g}' if val_split else 'test',
            'device': str(dev), 'precision': str(precision(cfg.amp, dev) or torch.float32).removeprefix('torch.'),
            'compiled': compiles(cfg.compile, dev)}
     if stages > 1: row['stages'] = stages
+    if eval_at: row['eval_at'] = evaluate_stages(m, out, *scored, evals, ecfg, row if 1 in eval_at else None)
     write_results(out / 'results.json', data, [row])
     _print_row(row); print(f"wrote {out/'checkpoint.pt'}, {out/'metrics.jsonl'}, {out/'results.json'}")
     return RunResult(m, {k: float(row[k]) for k in ACCURACIES if k in row}, out, row)
 
 # %% ../nbs/19a_runner.ipynb #1e7b44f8
-def evaluate_checkpoint(path, data=None, *, data_dir=None, out=None, k=20, T=0.07, linear=True, device='auto'):
-    "Evaluate the checkpoint at `path` (kNN and linear probe on the test split); write and return its results row."
-    check_options(k=k, T=T)
+def evaluate_checkpoint(path, data=None, *, data_dir=None, out=None, k=20, T=0.07, linear=True, device='auto',
+                        evals=None, finetune_epochs=None):
+    "Evaluate the checkpoint at `path` (and the stages its run kept) on the test split; write and return its row."
+    check_options(k=k, T=T, finetune_epochs=finetune_epochs)
+    evals, ecfg = eval_choices(evals, linear, k, T, finetune_epochs)
     method, ck = load_method(path, resolve_device(device))
     desc = ck['meta']
     name = data or desc.get('dataset')
@@ -173,9 +192,11 @@ def evaluate_checkpoint(path, data=None, *, data_dir=None, out=None, k=20, T=0.0
         raise ValueError(f"{path} is for {desc['channels']}-channel {desc['img_size']} px images but {name} has "
                          f"{train.x.shape[1]}-channel {train.x.shape[-1]} px images: "
                          f"evaluate it on {desc.get('dataset')}")
-    acc = evaluate_method(method, train, test, k=k, T=T, linear=linear)
+    acc = evaluate_method(method, train, test, evals, ecfg)
     epochs = round(ck['step'] / ck['steps_per_epoch'], 2)
     row = {**_row(desc, ck['signature']['train']['seed'], epochs, ck['train_seconds'], acc), 'split': 'test'}
+    if stage_files(Path(path).parent): row['eval_at'] = evaluate_stages(method, Path(path).parent, train, test, evals,
+                                                                         ecfg, row)
     out = Path(out) if out else Path(path).parent
     write_results(out / 'results.json', name, [row])
     _print_row(row); print(f"wrote {out/'results.json'}")
@@ -233,22 +254,29 @@ def summarize(results):
     return {lab: {'rows': rs, 'seeds': len(rs), **{k: _mean_std([r[k] for r in rs if k in r]) for k in keys}}
             for lab, rs in out.items()}
 
+def _caption(first):
+    "What the table's numbers are: split, backbone, and the settings of each evaluation it shows."
+    unsup = (" Unsup CLS: each test image in the cluster of its top teacher prototype (k-means with one cluster per "
+             "class on the features for methods without prototypes), clusters matched one-to-one to classes for "
+             "ACC." if 'unsup_nmi' in first else '')
+    tune = f" Fine-tuned for {first['finetune_epochs']} epochs." if 'finetune_epochs' in first else ''
+    return (f"Scores in % on the {first.get('split', 'test')} split, from the final checkpoint's evaluation backbone "
+            f"(the teacher for self-distillation); kNN k={first.get('k', 20)}, T={first.get('T', 0.07)}."
+            f"{unsup}{tune} Mean ± std over seeds.")
+
 def results_markdown(results, data, budget=''):
-    "The comparison as a markdown table (linear probe, then kNN), mean ± std over seeds."
+    "The comparison as a markdown table in the study's order (linear, unsup, fine-tune, kNN), mean ± std over seeds."
     fmt = lambda ms: '-' if ms is None else f'{ms[0]:.2f} ± {ms[1]:.2f}' if ms[1] else f'{ms[0]:.2f}'
-    first = results[0] if results else {}
+    cols = [(f'{group} {name}', key) for group, *cs in TABLE.values() for key, name in cs
+            if any(key in r for r in results)]
+    head = ['Pre-train', 'arch', 'seeds', 'epochs', *(c for c, _ in cols), 'train s/run']
     lines = [f"# {data}: {len(summarize(results))} methods{', ' + budget if budget else ''}", '',
-             f"Accuracies in % on the {first.get('split', 'test')} split, from the final checkpoint's evaluation "
-             f"backbone (the teacher for self-distillation); kNN k={first.get('k', 20)}, T={first.get('T', 0.07)}; "
-             "mean ± std over seeds.", '',
-             '| Pre-train | arch | seeds | epochs | Linear Acc@1 | Linear Acc@5 | kNN Acc@1 | kNN Acc@5 '
-             '| train s/run |',
-             '|---|---|---|---|---|---|---|---|---|']
+             _caption(results[0] if results else {}), '', '| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for lab, s in summarize(results).items():
         arch = s['rows'][0]['arch'] + (f" /{s['rows'][0]['patch']}" if s['rows'][0].get('patch') else '')
-        lines.append(f"| {lab} | {arch} | {s['seeds']} | {s['epochs'][0]:.2f} | {fmt(s['linear_top1'])} | "
-                     f"{fmt(s['linear_top5'])} | {fmt(s['knn_top1'])} | {fmt(s['knn_top5'])} | "
-                     f"{s['train_seconds'][0]:.0f} |")
+        cells = [lab, arch, s['seeds'], f"{s['epochs'][0]:.2f}", *(fmt(s[k]) for _, k in cols),
+                 f"{s['train_seconds'][0]:.0f}"]
+        lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/19a_runner.ipynb #8b56fc5f
@@ -289,6 +317,7 @@ class Preset:
     seeds: int = 1
     eval_every: float = 0.
     about: str = ''
+    evals: tuple = DEFAULT_EVALS  # the evaluations of every run
 
 _TEACHER = 'teacher (byol, wide_cnn, 3x epochs)'
 _STUDENTS = (('', {}), (', centred targets', {'center_targets': True}), (', no_aug', {'no_aug': True}),
@@ -309,8 +338,9 @@ PRESETS = {
     'rkd-cifar10': Preset('cifar10', [*(Row(m, args={'arch': 'vit_small'}) for m in ('random', 'ibot', 'ibot_rkd_d',
                                                                                      'ibot_rkd_a')),
                                       Row('ibot', 'ibot (patch 8)', {'arch': 'vit_small', 'patch': 8})],
-                          epochs=100, about='iBOT with relational KD on CIFAR-10 with a ViT-S at patch 4 (a GPU job), '
-                                            'and iBOT at patch 8, which leaves 16 tokens'),
+                          epochs=100, evals=tuple(EVALUATIONS),  # the masked relational KD study's columns
+                          about='iBOT with relational KD on CIFAR-10 with a ViT-S at patch 4 (a GPU job), and iBOT at '
+                                'patch 8, which leaves 16 tokens'),
     # equal student compute: baseline and students train the same epochs (the teacher's forward is not the student's)
     'kassl': Preset('fashion_mnist', [Row('byol', _TEACHER, {'arch': 'wide_cnn', 'epochs': 30}, once=True),
                                       Row('byol', 'baseline (byol)'),
@@ -346,6 +376,7 @@ def compare(methods=None, data=None, *, preset=None, out=None, seeds=None, minut
         rows, data = p.rows, data or p.data
         if minutes is None and epochs is None: minutes, epochs = p.minutes, p.epochs
         seeds, eval_every = p.seeds if seeds is None else seeds, p.eval_every if eval_every is None else eval_every
+        if common.get('evals') is None: common['evals'] = p.evals
     else:
         if not methods:
             raise ValueError(f"give methods (e.g. --methods random,dino) or a preset ({', '.join(PRESETS)})")

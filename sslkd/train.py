@@ -12,9 +12,10 @@ import torch.distributed as dist
 from fastprogress.fastprogress import master_bar, progress_bar, MasterBar
 from .data import ImageData, DeviceLoader
 from .teacher import cosine_schedule
-from .evaluate import extract_features, knn_accuracy
+from .evaluate import knn_eval
 from .metrics import collapse_warning
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, load_checkpoint
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, save_checkpoint, load_checkpoint, stage_path,
+                              stage_record)
 from .device import (fp32, is_distributed, resolve_device, AMP_CHOICES, cpu_has_bf16, precision, describe_device,
                           OutOfDeviceMemory, oom_message, _world_size, _rank, is_main_process, _max_over_ranks,
                           ddp_wrap, init_distributed)
@@ -25,7 +26,7 @@ from .guard import (TrainingDiverged, first_nonfinite, check_finite, claim_folde
 
 # %% auto #0
 __all__ = ['COMPILE_CHOICES', 'REPLAN_AT', 'SIGNAL_KEYS', 'NoConfig', 'Method', 'TrainConfig', 'param_groups', 'lr_wd_at',
-           'train_step', 'compiles', 'compile_step', 'replan_steps', 'knn_eval', 'Run', 'fit']
+           'train_step', 'compiles', 'compile_step', 'replan_steps', 'Run', 'fit']
 
 # %% ../nbs/11_train.ipynb #182fcc25
 @dataclass
@@ -85,6 +86,7 @@ class TrainConfig:
     eval_samples: int = 10000      # train samples used as the kNN memory for the periodic evaluation
     log_every: int = 20            # steps between logged collapse signals
     checkpoint_every: float = 5.   # minutes between checkpoints inside an epoch (0: at epoch ends only)
+    eval_at: tuple = ()            # fractions of the run at which the eval backbone is kept (`stage_path`)
     seed: int = 0
     device: str = 'auto'
     amp: str = 'auto'              # autocast precision: auto, bf16, fp16 or off (see `precision`)
@@ -170,19 +172,10 @@ def replan_steps(step, seconds, budget_seconds):
     "Steps that fit in `budget_seconds` at the mean speed of `step` steps that took `seconds`; at least `step + 1`."
     return max(step + 1, int(step * budget_seconds / seconds)) if seconds > 0 else step + 1
 
-# %% ../nbs/11_train.ipynb #7b55bc9e
-def knn_eval(method, memory, queries, k=20, T=0.07, n_memory=None, batch_size=512):
-    "kNN (Acc@1, Acc@5) of `method.eval_backbone()` features of `queries` against `memory` (ImageData)."
-    bb = method.eval_backbone()
-    n = min(n_memory, len(memory)) if n_memory else len(memory)
-    fm = extract_features(bb, memory.x[:n], memory.mean, memory.std, batch_size)
-    fq = extract_features(bb, queries.x, memory.mean, memory.std, batch_size)
-    return knn_accuracy(fm, memory.y[:n], fq, queries.y, k, T, len(memory.classes))
-
 # %% ../nbs/11_train.ipynb #53c5baf6
 # what a resume may change: a run written on a GPU in bf16 can continue on a CPU in fp32
 _NOT_SIGNED = ('epochs', 'progress', 'eval_every', 'device', 'amp', 'compile', 'eval_samples', 'log_every',
-               'checkpoint_every')
+               'checkpoint_every', 'eval_at')
 def _config_signature(cfg, meta): return config_signature(asdict(cfg), meta, _NOT_SIGNED, _world_size())
 
 class Run:
@@ -254,6 +247,7 @@ def _plan(r, out, resume):
     r.start_epoch = r.step // r.spe
     r.replan_at = [f * r.budget for f in REPLAN_AT if f * r.budget > r.train_seconds]
     r.spent = r.train_seconds
+    r.stages = sorted(f for f in r.cfg.eval_at if f < 1 and (f * r.total_steps > r.step or not resumed))
     if out and is_main_process(): Path(out).mkdir(parents=True, exist_ok=True)
     if resumed and is_main_process(): cut_log(Path(out) / 'metrics.jsonl', r.step)  # lines past the checkpoint go
     r.log_file = open(Path(out) / 'metrics.jsonl', 'a' if resumed else 'w') if out and is_main_process() else None
@@ -265,6 +259,14 @@ def _plan(r, out, resume):
 def _log(r, rec):
     "One line of `metrics.jsonl`."
     if r.log_file: r.log_file.write(json.dumps(rec) + '\n'); r.log_file.flush()
+
+def _keep_stages(r):
+    "The eval backbone's weights (`stage_record`) each time the run passes a fraction of `cfg.eval_at`."
+    while r.stages and r.step >= r.stages[0] * r.total_steps:
+        at = r.stages.pop(0)
+        if r.ckpt_path and is_main_process():
+            save_checkpoint(stage_record(r.method, at, r.step, r.spe, r.train_seconds),
+                            stage_path(r.ckpt_path.parent, at))
 
 def _check_finite(r):
     if r.first_bad is not None: check_finite(r.first_bad, r.spe, r.ckpt_path, r.step)
@@ -350,6 +352,7 @@ def _train_epoch(r, epoch):
             _check_finite(r); _log_step(r, epoch, loss, logs)
             if r.bars(): r.mb.child.comment = f'loss {float(loss):.4f}'
         r.step += 1
+        _keep_stages(r)
         _save_when_due(r, do_log)
         if r.budget: r.spent = _max_over_ranks(r.train_seconds, r.dev)  # one all-reduce per step under DDP
         _replan(r)
@@ -381,7 +384,7 @@ def fit(method, data, cfg=None, eval_data=None, out=None, resume=False, meta=Non
 
 def _fit(r, out, resume):
     try:
-        _plan(r, out, resume)
+        _plan(r, out, resume); _keep_stages(r)  # a stage at 0 is the untrained backbone
         r.mb = master_bar(_epochs(r), total=r.n_epochs - r.start_epoch) if r.bars() else _epochs(r)
         r.method.train()
         for epoch in r.mb:

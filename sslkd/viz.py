@@ -125,8 +125,25 @@ def _results_mean(run_dir, key):
     vals = [r[key] for r in json.loads(p.read_text()).get('rows', []) if _finite(r.get(key))]
     return float(np.mean(vals)) if vals else None
 
+def _stage_curve(run_dir, key):
+    "(epochs, `key`) of the stages in `run_dir`/results.json (`eval_at`, from `--eval-at`); empty arrays if none."
+    p = Path(run_dir) / 'results.json'
+    rows = json.loads(p.read_text()).get('rows') if p.is_file() else None
+    return _xy((rows or [{}])[0].get('eval_at', []), key, 'epochs')
+
+def _draw_stages(ax, runs, key):
+    "A dashed line of `key` at the stages of each label's runs (mean over seeds); the labels drawn."
+    drawn = []
+    for i, (label, dirs) in enumerate(_runs(runs).items()):
+        curves = [c for c in (_stage_curve(d, key) for d in dirs) if len(c[0])]
+        if not curves: continue
+        cx, cy, _, _ = _seed_curve(curves)
+        ax.plot(cx, cy, color=f'C{i}', ls='--', marker='s', ms=4, label=f'{label}: {key} at stages')
+        drawn.append(label)
+    return drawn
+
 def plot_knn_curves(runs, key='knn_top1', ax=None, save=None):
-    "kNN accuracy (`key`, %) against epochs done: the periodic evaluation as lines, each run's final one as a star."
+    "kNN accuracy (`key`, %) against epochs: periodic as lines, final as stars, the linear probe at stages dashed."
     ax = _axes(ax)
     drawn = _draw(ax, runs, key, lambda r: eval_records(r, key), 'epochs_done', marker='o', ms=3)
     for i, (label, dirs) in enumerate(_runs(runs).items()):
@@ -137,8 +154,10 @@ def plot_knn_curves(runs, key='knn_top1', ax=None, save=None):
         else:
             ax.axhline(float(np.mean(vals)), color=f'C{i}', ls=':', label=f'{label} (final)')
             drawn[label] = vals
+    staged = _draw_stages(ax, runs, key.replace('knn', 'linear'))
     name = {'knn_top1': 'kNN Acc@1', 'knn_top5': 'kNN Acc@5'}.get(key, key)
-    legend = '(lines: periodic kNN, smaller memory; stars and dotted: final, whole training set)'
+    legend = '(lines: periodic kNN, smaller memory; stars and dotted: final, whole training set' + \
+             ('; dashed: linear probe at stages)' if staged else ')')
     title = f'{name}\n{legend}' if drawn else name
     return _finish(ax, title, 'epochs done', f'{name} (%)', save, drawn, key)
 
