@@ -102,6 +102,11 @@ class iBOTRKD(iBOT):
         n = self.grid[0] * self.grid[1]
         self.register_buffer('patch_struct_center', torch.zeros(n, n))
 
+    def prototype_head(self):
+        "The teacher's head when a loss trains its prototypes (iBOT's term is kept, or relations of the logits)."
+        # on the bottleneck alone, no gradient reaches the last layer: its prototypes stay random directions
+        return self.teacher.head if self.cfg.add_to_ibot or self.cfg.embedding == 'logits' else None
+
     def setup(self, backbone, img_size):
         "Known `relation` and `embedding`, then iBOT's checks."
         for name, known in (('relation', RELATIONS), ('embedding', EMBEDDINGS)):

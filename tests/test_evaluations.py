@@ -164,3 +164,15 @@ def test_bad_evaluation_options_are_one_line(argv, msg, capsys):
 def test_accuracies_name_every_score_of_the_tables():
     assert ACCURACIES == ('linear_top1', 'linear_top5', 'unsup_nmi', 'unsup_ari', 'unsup_acc', 'finetune_top1',
                           'finetune_top5', 'knn_top1', 'knn_top5')
+
+
+@pytest.mark.parametrize('settings,by', [({}, 'kmeans'), ({'add_to_ibot': True}, 'prototypes'),
+                                         ({'embedding': 'logits'}, 'prototypes')])
+def test_ibot_rkd_is_clustered_by_prototypes_only_when_a_loss_trains_them(settings, by):
+    "On the bottleneck alone, relational KD never trains the last layer: its random prototypes are no clustering."
+    from sslkd.registry import build_method, describe, method_spec
+    tr, te = classes_in_a_pixel(), classes_in_a_pixel(5, seed=1)
+    torch.manual_seed(0)
+    cfg = method_spec('ibot_rkd_d').make_config(out_dim=32, n_local=0, **settings)
+    m = build_method(describe('ibot_rkd_d', 'vit_nano', 2, tr, cfg))
+    assert evaluate_method(m, tr, te, 'unsup')['unsup_by'] == by
