@@ -75,16 +75,18 @@ def set_rng_state(g, s):
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([_bytes(t) for t in s['cuda']])
 
 # %% ../nbs/11a_checkpoint.ipynb #7092037d
-def snapshot(method, opt, g):
-    "An in-memory checkpoint: copies of the method's and the optimiser's states, and the random states."
+def snapshot(method, opt, g, scaler=None):
+    "An in-memory checkpoint: copies of the method's, the optimiser's (and fp16 gradient scaler's) and random states."
     sd = opt.state_dict()
     state = {k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in v.items()} for k, v in sd['state'].items()}
     return ({k: v.clone() for k, v in method.state_dict().items()},
-            {'state': state, 'param_groups': [dict(gr) for gr in sd['param_groups']]}, rng_state(g))
+            {'state': state, 'param_groups': [dict(gr) for gr in sd['param_groups']]}, rng_state(g),
+            scaler.state_dict() if scaler else None)
 
-def restore(snap, method, opt, g):
+def restore(snap, method, opt, g, scaler=None):
     "Put back what `snapshot` took."
     method.load_state_dict(snap[0]); opt.load_state_dict(snap[1]); set_rng_state(g, snap[2])
+    if scaler and snap[3]: scaler.load_state_dict(snap[3])  # trial steps may have halved the loss scale
 
 # %% ../nbs/11a_checkpoint.ipynb #e2acffec
 def stage_path(out, at):

@@ -155,7 +155,7 @@ def compile_step(method, choice='auto', dev=None):
 # %% ../nbs/11_train.ipynb #3e10d360
 def _time_steps(method, opt, loader, g, cfg, dev, n=3, ddp=None, scaler=None):
     "Seconds per training step, measured on `n` steps whose effects are then undone."
-    saved = snapshot(method, opt, g)
+    saved = snapshot(method, opt, g, scaler)
     times, it = [], iter(loader)
     for i in range(n + 1):
         x, _ = next(it)
@@ -163,7 +163,7 @@ def _time_steps(method, opt, loader, g, cfg, dev, n=3, ddp=None, scaler=None):
         train_step(method, opt, x, g, cfg, dev, i, 10**9, 10**9, log=False, ddp=ddp, scaler=scaler)
         if dev.type == 'cuda': torch.cuda.synchronize()
         if i: times.append(time.perf_counter() - t0)  # the first step pays for allocation and warm-up
-    restore(saved, method, opt, g)
+    restore(saved, method, opt, g, scaler)
     return _max_over_ranks(sorted(times)[len(times) // 2], dev)  # every rank plans the same number of steps
 
 REPLAN_AT = (0.1, 0.3)  # fractions of a time budget after which the number of steps is re-planned

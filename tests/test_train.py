@@ -312,3 +312,14 @@ def test_out_of_memory_is_one_message_with_the_batch_size_and_the_checkpoint_kep
     with pytest.raises(OutOfDeviceMemory, match=r'batch size 16 per process.*kept at .*Try --batch-size 8'):
         fit(ToyMethod(), toy_data(), TrainConfig(**CFG), out=tmp_path)
     assert load_checkpoint(tmp_path / 'checkpoint.pt')['step'] == 6  # epoch 1's checkpoint survives
+
+
+def test_timing_steps_leaves_the_fp16_loss_scale_as_it_was():
+    "An overflowing trial step halves a gradient scaler's scale; the timed steps must put it back with the rest."
+    from sslkd.data import DeviceLoader
+    m, dev = ToyMethod(nan_at=1), torch.device('cpu')  # step 1's loss is NaN: its gradients overflow
+    opt = torch.optim.AdamW(param_groups(m.student), lr=1e-2)
+    scaler, g = torch.amp.GradScaler('cpu', init_scale=2.**10), torch.Generator().manual_seed(0)
+    loader = DeviceLoader(toy_data(), batch_size=16, shuffle=True, drop_last=True, seed=0, device=dev)
+    sslkd.train._time_steps(m, opt, loader, g, TrainConfig(**CFG, amp='off'), dev, scaler=scaler)
+    assert scaler.get_scale() == 2.**10 and scaler.state_dict()['_growth_tracker'] == 0
